@@ -1,0 +1,81 @@
+"""Advantage estimators. N = number of sampled completions, laid out group by group
+(the G completions of prompt p occupy rows p·G … p·G+G−1); B, T = sequences, response tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from rlctl.algos.ops import masked_whiten
+
+
+def reinforce(scores: torch.Tensor) -> torch.Tensor:
+    """A_i = r_i: the raw reward, no baseline (the naive REINFORCE objective). scores [N] -> [N]."""
+    return scores.clone()
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2:
+        raise ValueError(f"group size must be ≥ 2 for a group baseline, got {group_size}")
+    if scores.ndim != 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
+def grpo(scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (DeepSeekMath 2024): A_i = (r_i − mean_g r) / (std_g r + eps). scores [N] -> [N].
+
+    std is the unbiased (Bessel-corrected, divide by G−1) sample standard deviation within the
+    group, as ``torch.std`` computes it and as the reference implementations use.
+    ``scale_by_std=False`` gives Dr.GRPO's A_i = r_i − mean_g r.
+    A group whose rewards are all equal gets advantage 0 for every member.
+    """
+    grouped = _groups(scores, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: A_i = r_i − (Σ_{j≠i} r_j) / (G − 1). scores [N] -> [N].
+
+    Equal to G/(G−1) · (r_i − mean_g r).
+    """
+    grouped = _groups(scores, group_size)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(-1)
+
+
+def reinforce_pp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): the sequence reward on every token, whitened over all valid tokens
+    of the batch (a global baseline instead of a group one). scores [B], mask [B,T] -> [B,T]."""
+    per_token = scores[:, None].to(torch.float32).expand_as(mask) * mask
+    return masked_whiten(per_token, mask)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   R_t = A_t + V_t
+    where t+1 means the next *valid* token and the value after the last valid token is 0 (the
+    episode ends). rewards, values, mask: [B, T] -> (advantages [B, T], returns [B, T]), both 0 at
+    masked positions. λ=0 gives the one-step TD error; λ=1 the discounted return minus V.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        valid = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running_new = delta + gamma * lam * running
+        # A padded position passes the running quantities through untouched, so padding in the
+        # middle of a sequence (e.g. between process-reward steps) does not break the recursion.
+        running = torch.where(valid.bool(), running_new, running)
+        next_value = torch.where(valid.bool(), values[:, t], next_value)
+        advantages[:, t] = running * valid
+    returns = (advantages + values) * mask
+    return advantages, returns

@@ -1,0 +1,156 @@
+"""`rlctl train | eval | generate | recipes`: compose the config with Hydra, call one function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+RECIPES_DIR = PACKAGE_DIR.parent / "recipes"
+
+USAGE = """usage: rlctl COMMAND [overrides ...]
+
+commands:
+  train      train a policy with RL (default: GRPO on SmolLM2-135M, built-in arithmetic)
+  eval       score a model or a run's checkpoint on held-out prompts
+  generate   sample completions from a model and print them
+  recipes    list ready experiments (run one with `rlctl train recipe=NAME`)
+
+Each command is a Hydra app: `rlctl train --help` lists the config groups,
+`rlctl train --cfg job` prints the composed config, `rlctl train -m a=1,2` sweeps.
+"""
+
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """A user mistake: one line, no traceback, exit status 1."""
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+def run_train(cfg) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlctl.build import build_train
+    from rlctl.trainer import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    stages = build_train(cfg, run_dir)
+    try:
+        return train(stages)
+    finally:
+        stages.logger.close()
+
+
+def run_eval(cfg) -> dict:
+    from rlctl.build import build_evaluator, build_prompts, build_rewards, load_model_and_tokenizer
+    from rlctl.engine import make_accelerator
+
+    rewards = build_rewards(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    _, held_out = build_prompts(cfg, tokenizer)
+    evaluator = build_evaluator(cfg, held_out, tokenizer, rewards, make_accelerator(cfg.engine.precision).autocast)
+    if evaluator is None:
+        fail("eval: no held-out prompts to evaluate on (check data.* and eval.enabled)")
+    results = evaluator(model)
+    results = {"model": cfg.model.path, "data": cfg.data.source, **results}
+    print(json.dumps(results, indent=2))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def run_generate(cfg) -> list:
+    from rich.table import Table
+
+    from rlctl.build import build_prompts, load_model_and_tokenizer, sampling_params
+    from rlctl.data import Example, encode_prompts
+    from rlctl.data.prompts import PromptFormat
+    from rlctl.engine import make_accelerator
+    from rlctl.rollout import BACKENDS
+
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    if cfg.prompts:
+        d = cfg.data
+        fmt = PromptFormat(d.prompt_template, d.system_prompt, d.chat_template, d.max_prompt_tokens, d.overlong)
+        prompts = encode_prompts([Example(p, "", "command line") for p in cfg.prompts], fmt, tokenizer)
+    else:
+        _, prompts = build_prompts(cfg, tokenizer)
+        prompts = type(prompts)(prompts.examples[: cfg.num_prompts], prompts.token_ids[: cfg.num_prompts], 0, 0)
+    rollout = BACKENDS[cfg.rollout.backend](tokenizer, sampling_params(cfg.rollout), make_accelerator(cfg.engine.precision).autocast)
+    batch = rollout.generate(model, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n)
+    table = Table(title=f"{cfg.model.path}: {len(batch.completions)} completions", show_lines=True)
+    table.add_column("prompt", overflow="fold")
+    table.add_column("completion", overflow="fold")
+    for i, completion in enumerate(batch.completions):
+        example = prompts.examples[i // cfg.n]
+        table.add_row(example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt), completion)
+    Console().print(table)
+    return batch.completions
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "generate": run_generate}
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, one-line description) for each recipes/*.yaml; the description is its first comment line."""
+    found = []
+    for file in sorted(RECIPES_DIR.glob("*.yaml")):
+        comments = [line[1:].strip() for line in file.read_text().splitlines() if line.startswith("#")]
+        description = next((c for c in comments if not c.startswith("@package")), "")
+        found.append((file.stem, description))
+    return found
+
+
+def print_recipes() -> None:
+    from rich.table import Table
+
+    table = Table(title="recipes (run with: rlctl train recipe=NAME [overrides])")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, description in list_recipes():
+        table.add_row(name, description)
+    Console().print(table)
+
+
+def _hydra_app(command: str):
+    import hydra
+
+    from rlctl.config import register_schemas
+    from rlctl.errors import RlctlError
+
+    register_schemas()
+
+    def task(cfg):
+        try:
+            return COMMANDS[command](cfg)
+        except RlctlError as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            fail("interrupted")
+
+    task.__name__ = command
+    return hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=command)(task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command == "recipes":
+        print_recipes()
+        return
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes']}")
+    sys.argv = [f"rlctl {command}", *rest]  # Hydra parses sys.argv
+    _hydra_app(command)()

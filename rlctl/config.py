@@ -1,0 +1,171 @@
+"""Structured config schemas. Every key lives here with its default and a one-line comment.
+
+The YAML files under ``conf/`` only pick values; Hydra validates them against these dataclasses,
+so ``optim.lrr=1`` fails with "Key 'lrr' not in 'OptimConfig'" and ``optim.lr=abc`` names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"  # label used in run names and logs
+    advantage: str = "grpo"  # advantage estimator: reinforce | grpo | rloo | reinforce_pp
+    policy_loss: str = "ppo_clip"  # policy loss: ppo_clip | pg
+    group_size: int = 8  # completions sampled per prompt (G); group baselines need G ≥ 2
+    scale_by_std: bool = True  # grpo: divide by the group's reward std (False = Dr.GRPO)
+    std_eps: float = 1e-6  # grpo: added to the std before dividing
+    clip_low: float = 0.2  # ppo_clip: ratio lower bound is 1 − clip_low
+    clip_high: float = 0.2  # ppo_clip: ratio upper bound is 1 + clip_high (DAPO raises it)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    norm_by_max_new_tokens: bool = False  # seq-mean-token-sum-norm: divide by rollout.max_new_tokens (Dr.GRPO)
+    kl_coef: float = 0.0  # β of the KL(π‖π_ref) term; 0 loads no reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0  # bonus on the policy's entropy (0 = off)
+    num_iterations: int = 1  # passes over each batch of samples (μ); >1 makes the ratio clip matter
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # label used in run names and the model card
+    path: str = "embedded:smollm2-135m"  # hub id, local folder, embedded:NAME or random:tiny
+    dtype: str = "float32"  # weight dtype: float32 | bfloat16 (mixed precision is engine.precision)
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint; only for sources you trust
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+
+
+@dataclass
+class DataConfig:
+    source: str = "arithmetic"  # arithmetic | gsm8k | jsonl | hf
+    path: Optional[str] = None  # jsonl: file; gsm8k: local JSONL instead of the hub; hf: dataset id
+    subset: Optional[str] = None  # hf: dataset configuration name (gsm8k: "main")
+    split: str = "train"  # split to train on (hf / gsm8k hub)
+    eval_path: Optional[str] = None  # held-out file; None: a split of `path` or `eval_split`
+    eval_split: str = "test"  # hf / gsm8k hub: held-out split
+    prompt_field: str = "question"  # row field holding the prompt (a string or chat messages)
+    answer_field: str = "answer"  # row field holding the reference answer
+    answer_format: str = "plain"  # plain | gsm8k (the final answer follows "####")
+    prompt_template: str = "{prompt}"  # text around a string prompt; {prompt} is replaced
+    system_prompt: Optional[str] = None  # system message prepended to every chat
+    chat_template: bool = True  # apply the tokenizer's chat template (when it has one)
+    max_prompt_tokens: int = 512  # longer prompts are skipped or truncated (see overlong)
+    overlong: str = "skip"  # skip | truncate (keeps the last max_prompt_tokens tokens)
+    eval_size: int = 64  # held-out prompts used by evaluation (fewer if the source has fewer)
+    eval_fraction: float = 0.2  # sources without a held-out split: share of rows (or problems) held out
+    seed: int = 0  # seed of the data order and of generated tasks
+    digits: int = 1  # arithmetic: digits per operand
+    num_operands: int = 2  # arithmetic: operands per problem (operators = operands − 1)
+    operators: str = "+"  # arithmetic: operators to draw from, any of "+-*"
+
+
+@dataclass
+class RewardTerm:
+    name: str = "exact_number"  # registered rule reward: exact_number | gsm8k | math_verify | format
+    weight: float = 1.0  # weight in the sum of terms
+    pattern: Optional[str] = None  # format: regex the completion must match (re.search, DOTALL)
+
+
+@dataclass
+class RewardConfig:
+    terms: List[RewardTerm] = field(default_factory=lambda: [RewardTerm()])  # weighted sum of these
+    accuracy_term: int = 0  # index of the term whose score of 1 counts as a correct answer
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # generation backend: hf (transformers generate)
+    max_new_tokens: int = 16  # completion length limit
+    temperature: float = 1.0  # sampling temperature (also divides logits when scoring)
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # 0 = off
+    batch_size: int = 64  # sequences generated together
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # AdamW learning rate
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    eps: float = 1e-8  # AdamW ε
+    schedule: str = "constant"  # constant | linear | cosine (after warm-up)
+    warmup_steps: int = 0  # linear warm-up, in optimiser updates
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
+    minibatch_size: int = 0  # samples per optimiser update (0 = the whole step's batch)
+    micro_batch_size: int = 32  # samples per forward/backward (gradient accumulation inside a minibatch)
+
+
+@dataclass
+class EngineConfig:
+    precision: str = "bf16"  # no | bf16 | fp16 mixed precision (fp32 master weights); bf16 uses AMX on recent CPUs
+    seed: int = 0  # seeds python, numpy and torch
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # evaluate before training, every `every` steps, and after
+    every: int = 0  # steps between evaluations during training (0 = only before and after)
+    n_samples: int = 1  # completions per held-out prompt
+    temperature: float = 0.0  # 0 = greedy
+    pass_k: List[int] = field(default_factory=lambda: [1])  # report pass@k for each k ≤ n_samples
+    batch_size: int = 64  # prompts per generation call
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True  # rich progress bar and periodic sample tables
+    sample_every: int = 10  # steps between sample tables (0 = never)
+    samples_shown: int = 3  # rows per sample table
+    wandb: bool = False  # also log to Weights & Biases (honours WANDB_MODE, e.g. offline)
+    wandb_project: str = "rlctl"  # W&B project
+    wandb_entity: Optional[str] = None  # W&B entity (team or user)
+
+
+@dataclass
+class TrainConfig:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    steps: int = 60  # training steps (one step = rollout + update)
+    prompts_per_step: int = 8  # prompts sampled per step (P); the step trains on P × group_size samples
+    save_final: bool = True  # write checkpoints/final (HF format) at the end
+
+
+@dataclass
+class EvalCommandConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: Optional[str] = None  # write the results as JSON here too
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prompts: List[str] = field(default_factory=list)  # prompts to complete; empty: take from the dataset
+    num_prompts: int = 4  # dataset prompts to take when `prompts` is empty
+    n: int = 1  # completions per prompt
+
+
+def register_schemas() -> None:
+    """Put the schemas in Hydra's ConfigStore; the primary configs name them first in their defaults."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalCommandConfig)
+    store.store(name="generate_schema", node=GenerateConfig)

@@ -1,0 +1,67 @@
+"""Turn examples into token ids the policy sees: template, chat template, length limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlctl.data.sources import Example
+from rlctl.errors import RlctlError
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    template: str = "{prompt}"  # applied to string prompts
+    system_prompt: str | None = None
+    chat_template: bool = True
+    max_tokens: int = 512
+    overlong: str = "skip"  # skip | truncate
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    examples: list[Example]  # the examples kept, aligned with token_ids
+    token_ids: list[list[int]]  # prompt tokens, special tokens included exactly once
+    skipped: int  # prompts dropped for being longer than the limit
+    truncated: int  # prompts cut to the limit
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
+    """The prompt as text, and whether it already holds the special tokens (from a chat template)."""
+    if isinstance(example.prompt, str):
+        try:
+            text = fmt.template.format(prompt=example.prompt)
+        except (KeyError, IndexError) as err:
+            raise RlctlError(f"data.prompt_template: {fmt.template!r} may only use {{prompt}} (got {err})") from None
+        messages = [{"role": "user", "content": text}]
+    else:
+        text, messages = None, list(example.prompt)
+    if fmt.system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": fmt.system_prompt}, *messages]
+    if fmt.chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+    if text is None:
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+    elif fmt.system_prompt:
+        text = f"{fmt.system_prompt}\n\n{text}"
+    return text, False
+
+
+def encode_prompts(examples: list[Example], fmt: PromptFormat, tokenizer) -> PromptSet:
+    """Tokenise every prompt once. A chat template already writes BOS, so no second one is added."""
+    if fmt.overlong not in ("skip", "truncate"):
+        raise RlctlError(f"data.overlong: must be 'skip' or 'truncate', got {fmt.overlong!r}")
+    kept, ids, skipped, truncated = [], [], 0, 0
+    for example in examples:
+        text, has_special = render(example, fmt, tokenizer)
+        tokens = tokenizer(text, add_special_tokens=not has_special)["input_ids"]
+        if len(tokens) > fmt.max_tokens:
+            if fmt.overlong == "skip":
+                skipped += 1
+                continue
+            tokens, truncated = tokens[-fmt.max_tokens :], truncated + 1
+        kept.append(example)
+        ids.append(tokens)
+    return PromptSet(kept, ids, skipped, truncated)

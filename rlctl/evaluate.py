@@ -1,0 +1,48 @@
+"""Held-out evaluation: accuracy, mean reward and pass@k over n samples per prompt."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlctl.data.prompts import PromptSet
+from rlctl.rewards import WeightedRewards
+from rlctl.rollout import HFRollout
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 − C(n−c, k) / C(n, k) for c correct out of n samples."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+class Evaluator:
+    def __init__(self, prompts: PromptSet, rollout: HFRollout, rewards: WeightedRewards, n_samples: int, pass_k: list[int]):
+        bad = [k for k in pass_k if not 1 <= k <= n_samples]
+        if bad:
+            from rlctl.errors import RlctlError
+
+            raise RlctlError(f"eval.pass_k: every k must be between 1 and eval.n_samples={n_samples}, got {bad}")
+        self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
+        self.n_samples, self.pass_k = n_samples, pass_k
+
+    def __call__(self, model) -> dict[str, float]:
+        """{"accuracy", "reward_mean", "pass@k"..., "n_prompts", "response_len_mean"} over the held-out set."""
+        if len(self.prompts) == 0:
+            return {}
+        batch = self.rollout.generate(model, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples)
+        result = self.rewards(batch.completions, batch.answers)
+        correct_per_prompt = result.correct.view(-1, self.n_samples).sum(dim=1).tolist()
+        metrics = {
+            "accuracy": float(result.correct.float().mean()),
+            "reward_mean": float(result.scores.mean()),
+            "response_len_mean": float(batch.response_mask.sum(dim=1).mean()),
+            "n_prompts": len(self.prompts),
+        }
+        for k in self.pass_k:
+            metrics[f"pass@{k}"] = float(torch.tensor([pass_at_k(self.n_samples, c, k) for c in correct_per_prompt]).mean())
+        return metrics

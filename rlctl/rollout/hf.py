@@ -1,0 +1,86 @@
+"""Rollout with transformers ``generate``: prompts are left-padded to a common length so the
+responses of every chunk line up in one [B, L] tensor."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+from rlctl.batch import Batch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 64  # sequences per generate call
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[1, 2], [3]] -> ids [[1, 2], [pad, 3]], mask [[1, 1], [0, 1]]."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 on every token up to and including the first EOS, 0 after it. responses [B, T] -> [B, T]."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids))
+    eos_seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return (~eos_seen_before).float()
+
+
+class HFRollout:
+    def __init__(self, tokenizer, params: SamplingParams, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.tokenizer, self.params, self.autocast = tokenizer, params, autocast
+        eos = tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+
+    @torch.no_grad()
+    def generate(self, model, prompt_ids: list[list[int]], answers: list[str], group_size: int) -> Batch:
+        """Sample ``group_size`` completions for each prompt; rows p·G … p·G+G−1 belong to prompt p."""
+        p = self.params
+        repeated = [ids for ids in prompt_ids for _ in range(group_size)]
+        prompt, prompt_mask = left_pad(repeated, self.tokenizer.pad_token_id)
+        sampling = (
+            {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
+            if p.temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
+        was_training = model.training
+        model.eval()
+        chunks = []
+        for start in range(0, prompt.shape[0], p.batch_size):
+            rows = slice(start, start + p.batch_size)
+            with self.autocast():
+                out = model.generate(
+                    input_ids=prompt[rows], attention_mask=prompt_mask[rows], max_new_tokens=p.max_new_tokens,
+                    eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                )  # fmt: skip
+            chunks.append(out[:, prompt.shape[1] :])
+        model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        responses = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks]
+        )
+        response_mask = response_mask_until_eos(responses, self.eos_ids)
+        responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
+        return Batch(
+            input_ids=torch.cat([prompt, responses], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+            response_mask=response_mask,
+            group_ids=torch.arange(len(prompt_ids)).repeat_interleave(group_size),
+            prompts=self.tokenizer.batch_decode(prompt, skip_special_tokens=True),
+            completions=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
+            answers=[a for a in answers for _ in range(group_size)],
+        )
