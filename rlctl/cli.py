@@ -35,12 +35,17 @@ def fail(message: str) -> None:
 
 def run_train(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
+
+    return train_in(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def train_in(cfg, run_dir: Path) -> dict:
+    """Train with a composed config, writing the run folder ``run_dir``."""
     from omegaconf import OmegaConf
 
     from rlctl.build import build_train
     from rlctl.trainer import train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     stages = build_train(cfg, run_dir)

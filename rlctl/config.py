@@ -88,7 +88,7 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5  # AdamW learning rate
+    lr: float = 2e-5  # AdamW learning rate
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     eps: float = 1e-8  # AdamW ε
@@ -136,7 +136,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    steps: int = 60  # training steps (one step = rollout + update)
+    steps: int = 24  # training steps (one step = rollout + update)
     prompts_per_step: int = 8  # prompts sampled per step (P); the step trains on P × group_size samples
     save_final: bool = True  # write checkpoints/final (HF format) at the end
 

@@ -53,7 +53,7 @@ class ConsoleSink:
         for column in ("prompt", "completion", "answer", "reward"):
             table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(row["prompt"][-80:], row["completion"], row["answer"], _fmt(row["reward"]))
+            table.add_row(row["prompt"], row["completion"], row["answer"], _fmt(row["reward"]))
         self.progress.console.print(table)
 
     def message(self, text: str) -> None:

