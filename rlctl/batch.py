@@ -26,16 +26,24 @@ class Batch:
     correct: torch.Tensor | None = None  # [B] bool
     old_logprobs: torch.Tensor | None = None  # [B, T] from the policy that sampled (None: same as current)
     ref_logprobs: torch.Tensor | None = None  # [B, T] from the frozen reference
+    step_rewards: torch.Tensor | None = None  # [B, T] process rewards on their tokens (None: one score per sequence)
+    values: torch.Tensor | None = None  # [B, T] critic values before the update
+    token_rewards: torch.Tensor | None = None  # [B, T] what the advantage estimator credits
     advantages: torch.Tensor | None = None  # [B] or [B, T]
+    returns: torch.Tensor | None = None  # [B, T] critic targets
 
     @property
     def response_length(self) -> int:
         return self.response_mask.shape[1]
 
-    def with_(self, **fields) -> "Batch":
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def with_(self, **fields) -> Batch:
         return replace(self, **fields)
 
-    def rows(self, index: torch.Tensor) -> "Batch":
+    def rows(self, index: torch.Tensor) -> Batch:
         """A sub-batch of the given rows (tensors sliced, lists picked)."""
         picked = {}
         for name, value in self.__dict__.items():
@@ -46,3 +54,30 @@ class Batch:
             else:
                 picked[name] = value
         return Batch(**picked)
+
+
+def concat(batches: list[Batch], pad_id: int) -> Batch:
+    """Stack batches sampled separately: prompts re-left-padded, responses re-right-padded to common
+    widths, group ids renumbered so groups stay distinct. Only rollout and reward fields are kept."""
+    prompt_width = max(b.input_ids.shape[1] - b.response_length for b in batches)
+    response_width = max(b.response_length for b in batches)
+    parts: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct")}
+    offset = 0
+    for b in batches:
+        split = b.input_ids.shape[1] - b.response_length
+        left, right = prompt_width - split, response_width - b.response_length
+        pad = torch.nn.functional.pad
+        parts["input_ids"].append(
+            torch.cat([pad(b.input_ids[:, :split], (left, 0), value=pad_id), pad(b.input_ids[:, split:], (0, right), value=pad_id)], 1)
+        )
+        parts["attention_mask"].append(
+            torch.cat([pad(b.attention_mask[:, :split], (left, 0)), pad(b.attention_mask[:, split:], (0, right))], 1)
+        )
+        parts["response_mask"].append(pad(b.response_mask, (0, right)))
+        parts["group_ids"].append(b.group_ids - b.group_ids.min() + offset)
+        offset = int(parts["group_ids"][-1].max()) + 1
+        parts["scores"].append(b.scores)
+        parts["correct"].append(b.correct)
+    tensors = {k: (torch.cat(v) if all(t is not None for t in v) else None) for k, v in parts.items()}
+    lists = {k: [x for b in batches for x in getattr(b, k)] for k in ("prompts", "completions", "answers")}
+    return Batch(**tensors, **lists)

@@ -35,14 +35,17 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
     try:
         return Algorithm(
             advantage=a.advantage, policy_loss=a.policy_loss, group_size=a.group_size, scale_by_std=a.scale_by_std,
-            std_eps=a.std_eps, clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg,
+            std_eps=a.std_eps, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, loss_agg=a.loss_agg,
             norm_length=cfg.rollout.max_new_tokens if a.norm_by_max_new_tokens else None,
-            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, kl_placement=a.kl_placement, kl_target=a.kl_target,
+            kl_horizon=a.kl_horizon, entropy_coef=a.entropy_coef, gamma=a.gamma, lam=a.lam, value_loss=a.value_loss,
+            value_clip=a.value_clip, vf_coef=a.vf_coef, overlong_buffer=a.overlong_buffer,
+            overlong_penalty=a.overlong_penalty, dynamic_sampling=a.dynamic_sampling,
         )  # fmt: skip
     except KeyError as err:
         raise RlctlError(f"algo: {err.args[0]}") from None
     except ValueError as err:
-        raise RlctlError(f"algo.group_size: {err}") from None
+        raise RlctlError(f"algo: {err}") from None
 
 
 def build_rewards(cfg: DictConfig) -> WeightedRewards:
@@ -63,7 +66,9 @@ def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
     return encode_prompts(train, fmt, tokenizer), encode_prompts(held_out, fmt, tokenizer)
 
 
-def sampling_params(rollout: DictConfig, temperature: float | None = None, batch_size: int | None = None) -> SamplingParams:
+def sampling_params(
+    rollout: DictConfig, temperature: float | None = None, batch_size: int | None = None
+) -> SamplingParams:
     if rollout.backend not in BACKENDS:
         raise RlctlError(f"rollout.backend: unknown backend {rollout.backend!r}; known: {sorted(BACKENDS)}")
     return SamplingParams(
@@ -106,7 +111,9 @@ def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
     model, tokenizer = load_model_and_tokenizer(cfg)
     train_prompts, held_out = build_prompts(cfg, tokenizer)
     if len(train_prompts) == 0:
-        raise RlctlError(f"data: every training prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+        raise RlctlError(
+            f"data: every training prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
+        )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     updates = cfg.steps * cfg.algo.num_iterations * (batch_size // minibatch)
@@ -117,9 +124,24 @@ def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
         OptimSpec(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, schedule=o.schedule,
                   warmup_steps=o.warmup_steps, max_grad_norm=o.max_grad_norm, total_updates=updates),
     )  # fmt: skip
+    critic = None
+    if algo.needs_values:
+        c = cfg.critic
+        critic_model = models.load_value_model(
+            c.path or cfg.model.path, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed
+        )
+        if cfg.model.gradient_checkpointing:
+            critic_model.gradient_checkpointing_enable()
+        critic = Engine(
+            accelerator, critic_model,
+            OptimSpec(lr=c.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, schedule=o.schedule,
+                      warmup_steps=o.warmup_steps, max_grad_norm=c.max_grad_norm, total_updates=updates),
+        )  # fmt: skip
     reference = None
     if algo.needs_reference:
-        reference = models.load_causal_lm(cfg.model.path, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed)
+        reference = models.load_causal_lm(
+            cfg.model.path, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed
+        )
         reference.requires_grad_(False).eval()
 
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]
@@ -140,12 +162,14 @@ def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
 
     rollout = BACKENDS[cfg.rollout.backend](tokenizer, sampling_params(cfg.rollout), policy.autocast)
     return Stages(
-        tokenizer=tokenizer, policy=policy, reference=reference, rollout=rollout, rewards=rewards, algo=algo,
+        tokenizer=tokenizer, policy=policy, critic=critic, reference=reference, rollout=rollout, rewards=rewards, algo=algo,
         train_prompts=train_prompts, sampler=PromptSampler(len(train_prompts), cfg.prompts_per_step, cfg.data.seed),
         evaluator=build_evaluator(cfg, held_out, tokenizer, rewards, policy.autocast), logger=logger,
         schedule=Schedule(
             steps=cfg.steps, prompts_per_step=cfg.prompts_per_step, num_iterations=cfg.algo.num_iterations,
             minibatch_size=minibatch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature,
+            max_new_tokens=cfg.rollout.max_new_tokens, sampling_retries=cfg.algo.sampling_retries,
+            critic_warmup_steps=cfg.critic.warmup_steps,
             eval_every=cfg.eval.every, sample_every=cfg.logger.sample_every, samples_shown=cfg.logger.samples_shown,
             save_final=cfg.save_final,
         ),

@@ -90,7 +90,9 @@ def run_generate(cfg) -> list:
     else:
         _, prompts = build_prompts(cfg, tokenizer)
         prompts = type(prompts)(prompts.examples[: cfg.num_prompts], prompts.token_ids[: cfg.num_prompts], 0, 0)
-    rollout = BACKENDS[cfg.rollout.backend](tokenizer, sampling_params(cfg.rollout), make_accelerator(cfg.engine.precision).autocast)
+    rollout = BACKENDS[cfg.rollout.backend](
+        tokenizer, sampling_params(cfg.rollout), make_accelerator(cfg.engine.precision).autocast
+    )
     batch = rollout.generate(model, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n)
     table = Table(title=f"{cfg.model.path}: {len(batch.completions)} completions", show_lines=True)
     table.add_column("prompt", overflow="fold")
@@ -146,12 +148,23 @@ def _hydra_app(command: str):
     return hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=command)(task)
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """Without a GPU, tell DeepSpeed so up front; otherwise every run starts with its CPU-fallback warning."""
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = args[0], args[1:]
+    _quiet_deepspeed_on_cpu()
     if command == "recipes":
         print_recipes()
         return

@@ -7,7 +7,6 @@ so ``optim.lrr=1`` fails with "Key 'lrr' not in 'OptimConfig'" and ``optim.lr=ab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -15,19 +14,40 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class AlgoConfig:
     name: str = "grpo"  # label used in run names and logs
-    advantage: str = "grpo"  # advantage estimator: reinforce | grpo | rloo | reinforce_pp
-    policy_loss: str = "ppo_clip"  # policy loss: ppo_clip | pg
+    advantage: str = "grpo"  # advantage estimator: gae | grpo | rloo | reinforce | reinforce_pp (gae builds a critic)
+    policy_loss: str = "ppo_clip"  # policy loss: ppo_clip | gspo | pg
     group_size: int = 8  # completions sampled per prompt (G); group baselines need G ≥ 2
     scale_by_std: bool = True  # grpo: divide by the group's reward std (False = Dr.GRPO)
     std_eps: float = 1e-6  # grpo: added to the std before dividing
-    clip_low: float = 0.2  # ppo_clip: ratio lower bound is 1 − clip_low
-    clip_high: float = 0.2  # ppo_clip: ratio upper bound is 1 + clip_high (DAPO raises it)
+    clip_low: float = 0.2  # ratio lower bound is 1 − clip_low
+    clip_high: float = 0.2  # ratio upper bound is 1 + clip_high (DAPO's clip-higher raises it)
+    dual_clip: float | None = None  # ppo_clip: bound the loss at −c·A for A < 0 (c > 1, e.g. 3); None = off
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     norm_by_max_new_tokens: bool = False  # seq-mean-token-sum-norm: divide by rollout.max_new_tokens (Dr.GRPO)
-    kl_coef: float = 0.0  # β of the KL(π‖π_ref) term; 0 loads no reference model
+    kl_coef: float = 0.0  # β of the KL(π‖π_ref) term (initial β when adaptive); 0 with no target loads no reference
     kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_placement: str = "in_loss"  # in_loss (GRPO) | in_reward (PPO: r_t −= β·KL_t)
+    kl_target: float | None = None  # adaptive β: per-token KL to aim for; None = fixed β
+    kl_horizon: int = 10000  # adaptive β: samples over which β may change by at most ±20%
     entropy_coef: float = 0.0  # bonus on the policy's entropy (0 = off)
     num_iterations: int = 1  # passes over each batch of samples (μ); >1 makes the ratio clip matter
+    gamma: float = 1.0  # discount over response tokens (gae, reinforce_pp)
+    lam: float = 0.95  # gae: λ, the bias/variance trade-off (0 = one-step TD, 1 = Monte Carlo)
+    value_loss: str = "clipped_mse"  # critic loss: clipped_mse
+    value_clip: float = 0.2  # clipped_mse: how far V may move from the rollout-time V before clipping
+    vf_coef: float = 1.0  # weight of the value loss (the critic has its own optimiser)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment: last N tokens before the limit are penalised (0 = off)
+    overlong_penalty: float = 1.0  # DAPO: penalty at the length limit
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more prompts to refill
+    sampling_retries: int = 3  # dynamic sampling: extra rollouts allowed per step to fill the batch
+
+
+@dataclass
+class CriticConfig:
+    path: str | None = None  # initial weights (a causal LM or a reward model); None = the policy's model.path
+    lr: float = 2e-5  # critic AdamW learning rate
+    warmup_steps: int = 0  # steps at the start during which only the critic trains
+    max_grad_norm: float = 1.0  # clip the critic's gradient norm (0 = off)
 
 
 @dataclass
@@ -42,16 +62,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "arithmetic"  # arithmetic | gsm8k | jsonl | hf
-    path: Optional[str] = None  # jsonl: file; gsm8k: local JSONL instead of the hub; hf: dataset id
-    subset: Optional[str] = None  # hf: dataset configuration name (gsm8k: "main")
+    path: str | None = None  # jsonl: file; gsm8k: local JSONL instead of the hub; hf: dataset id
+    subset: str | None = None  # hf: dataset configuration name (gsm8k: "main")
     split: str = "train"  # split to train on (hf / gsm8k hub)
-    eval_path: Optional[str] = None  # held-out file; None: a split of `path` or `eval_split`
+    eval_path: str | None = None  # held-out file; None: a split of `path` or `eval_split`
     eval_split: str = "test"  # hf / gsm8k hub: held-out split
     prompt_field: str = "question"  # row field holding the prompt (a string or chat messages)
     answer_field: str = "answer"  # row field holding the reference answer
     answer_format: str = "plain"  # plain | gsm8k (the final answer follows "####")
     prompt_template: str = "{prompt}"  # text around a string prompt; {prompt} is replaced
-    system_prompt: Optional[str] = None  # system message prepended to every chat
+    system_prompt: str | None = None  # system message prepended to every chat
     chat_template: bool = True  # apply the tokenizer's chat template (when it has one)
     max_prompt_tokens: int = 512  # longer prompts are skipped or truncated (see overlong)
     overlong: str = "skip"  # skip | truncate (keeps the last max_prompt_tokens tokens)
@@ -67,12 +87,12 @@ class DataConfig:
 class RewardTerm:
     name: str = "exact_number"  # registered rule reward: exact_number | gsm8k | math_verify | format
     weight: float = 1.0  # weight in the sum of terms
-    pattern: Optional[str] = None  # format: regex the completion must match (re.search, DOTALL)
+    pattern: str | None = None  # format: regex the completion must match (re.search, DOTALL)
 
 
 @dataclass
 class RewardConfig:
-    terms: List[RewardTerm] = field(default_factory=lambda: [RewardTerm()])  # weighted sum of these
+    terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])  # weighted sum of these
     accuracy_term: int = 0  # index of the term whose score of 1 counts as a correct answer
 
 
@@ -89,7 +109,7 @@ class RolloutConfig:
 @dataclass
 class OptimConfig:
     lr: float = 2e-5  # AdamW learning rate
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     eps: float = 1e-8  # AdamW ε
     schedule: str = "constant"  # constant | linear | cosine (after warm-up)
@@ -111,7 +131,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations during training (0 = only before and after)
     n_samples: int = 1  # completions per held-out prompt
     temperature: float = 0.0  # 0 = greedy
-    pass_k: List[int] = field(default_factory=lambda: [1])  # report pass@k for each k ≤ n_samples
+    pass_k: list[int] = field(default_factory=lambda: [1])  # report pass@k for each k ≤ n_samples
     batch_size: int = 64  # prompts per generation call
 
 
@@ -122,13 +142,14 @@ class LoggerConfig:
     samples_shown: int = 3  # rows per sample table
     wandb: bool = False  # also log to Weights & Biases (honours WANDB_MODE, e.g. offline)
     wandb_project: str = "rlctl"  # W&B project
-    wandb_entity: Optional[str] = None  # W&B entity (team or user)
+    wandb_entity: str | None = None  # W&B entity (team or user)
 
 
 @dataclass
 class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -149,7 +170,7 @@ class EvalCommandConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output: Optional[str] = None  # write the results as JSON here too
+    output: str | None = None  # write the results as JSON here too
 
 
 @dataclass
@@ -158,7 +179,7 @@ class GenerateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    prompts: List[str] = field(default_factory=list)  # prompts to complete; empty: take from the dataset
+    prompts: list[str] = field(default_factory=list)  # prompts to complete; empty: take from the dataset
     num_prompts: int = 4  # dataset prompts to take when `prompts` is empty
     n: int = 1  # completions per prompt
 

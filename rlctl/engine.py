@@ -44,9 +44,14 @@ class Engine:
             raise RlctlError(f"optim.schedule: unknown schedule {spec.schedule!r}; known: {sorted(SCHEDULES)}")
         self.accelerator, self.spec = accelerator, spec
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
+        )
         scheduler = get_scheduler(
-            SCHEDULES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=spec.total_updates
+            SCHEDULES[spec.schedule],
+            optimizer,
+            num_warmup_steps=spec.warmup_steps,
+            num_training_steps=spec.total_updates,
         )
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
 

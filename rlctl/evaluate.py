@@ -21,7 +21,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 class Evaluator:
-    def __init__(self, prompts: PromptSet, rollout: HFRollout, rewards: WeightedRewards, n_samples: int, pass_k: list[int]):
+    def __init__(
+        self, prompts: PromptSet, rollout: HFRollout, rewards: WeightedRewards, n_samples: int, pass_k: list[int]
+    ):
         bad = [k for k in pass_k if not 1 <= k <= n_samples]
         if bad:
             from rlctl.errors import RlctlError
@@ -34,7 +36,9 @@ class Evaluator:
         """{"accuracy", "reward_mean", "pass@k"..., "n_prompts", "response_len_mean"} over the held-out set."""
         if len(self.prompts) == 0:
             return {}
-        batch = self.rollout.generate(model, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples)
+        batch = self.rollout.generate(
+            model, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples
+        )
         result = self.rewards(batch.completions, batch.answers)
         correct_per_prompt = result.correct.view(-1, self.n_samples).sum(dim=1).tolist()
         metrics = {
@@ -44,5 +48,7 @@ class Evaluator:
             "n_prompts": len(self.prompts),
         }
         for k in self.pass_k:
-            metrics[f"pass@{k}"] = float(torch.tensor([pass_at_k(self.n_samples, c, k) for c in correct_per_prompt]).mean())
+            metrics[f"pass@{k}"] = float(
+                torch.tensor([pass_at_k(self.n_samples, c, k) for c in correct_per_prompt]).mean()
+            )
         return metrics

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
-                ("response_len/mean", "len"), ("time/step_s", "s/step"))  # fmt: skip
+                ("response_len/mean", "len"))  # fmt: skip
 
 
 class Sink(Protocol):
@@ -25,7 +25,7 @@ class Sink(Protocol):
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 class ConsoleSink:
@@ -45,7 +45,8 @@ class ConsoleSink:
         if "reward/mean" not in values:  # evaluation results are printed by message()
             return
         parts = [f"{short} {_fmt(values[key])}" for key, short in SUMMARY_KEYS if key in values]
-        self.progress.console.print(f"step {step}/{self.total}  " + "  ".join(parts))
+        seconds = f"  {values['time/step_s']:.1f}s" if "time/step_s" in values else ""
+        self.progress.console.print(f"step {step}/{self.total}  " + "  ".join(parts) + seconds)
         self.progress.update(self.task, completed=step)
 
     def samples(self, rows: list[dict[str, Any]], step: int) -> None:

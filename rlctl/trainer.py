@@ -1,4 +1,4 @@
-"""The training loop. ``train_step`` reads top to bottom: sample, score, reference, advantages,
+"""The training loop. ``train_step`` reads top to bottom: sample, reward, score, advantages,
 optimise. It never asks which algorithm it runs; ``stages.algo`` answers every such question."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from rlctl.algos import AdvantageInputs, Algorithm, ops
-from rlctl.batch import Batch
+from rlctl.algos import AdvantageInputs, Algorithm, ops, shaping
+from rlctl.batch import Batch, concat
 from rlctl.checkpoint import save_hf_folder
 from rlctl.data import PromptSampler, PromptSet
 from rlctl.engine import Engine
@@ -20,7 +20,8 @@ from rlctl.evaluate import Evaluator
 from rlctl.logging import Loggers
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout
-from rlctl.scoring import response_logprobs
+from rlctl.rollout.hf import step_rewards_to_tokens
+from rlctl.scoring import response_logprobs, response_values
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Schedule:
     minibatch_size: int  # samples per optimiser update
     micro_batch_size: int  # samples per forward/backward
     temperature: float  # sampling temperature, also applied when scoring
+    max_new_tokens: int
+    sampling_retries: int  # dynamic sampling: extra rollouts allowed to fill the batch
+    critic_warmup_steps: int  # steps during which only the critic trains
     eval_every: int  # 0 = before and after only
     sample_every: int  # steps between sample tables (0 = never)
     samples_shown: int
@@ -43,7 +47,8 @@ class Schedule:
 class Stages:
     tokenizer: object
     policy: Engine
-    reference: torch.nn.Module | None  # frozen; None when the algorithm's KL coefficient is 0
+    critic: Engine | None  # exists iff the algorithm's advantage estimator needs values
+    reference: torch.nn.Module | None  # frozen; None when the algorithm has no KL term
     rollout: HFRollout
     rewards: WeightedRewards
     algo: Algorithm
@@ -53,6 +58,14 @@ class Stages:
     logger: Loggers
     schedule: Schedule
     run_dir: Path
+
+
+@dataclass
+class TrainState:
+    """What changes from step to step besides the models (and what a checkpoint must keep)."""
+
+    step: int = 0
+    kl_coef: float = 0.0
 
 
 class Timer:
@@ -66,107 +79,208 @@ class Timer:
         self.seconds[f"time/{name}_s"] = self.seconds.get(f"time/{name}_s", 0.0) + time.perf_counter() - start
 
 
-def train_step(s: Stages, step: int) -> dict[str, float]:
+def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     """One step of on-policy RL: P prompts × G completions -> one or more optimiser updates."""
-    timer, algo, model = Timer(), s.algo, s.policy.model
+    timer, algo, sched = Timer(), s.algo, s.schedule
+    policy = s.policy.model
 
-    # 1. Rollout: sample G completions for each of P prompts from the current policy.
-    with timer("rollout"):
-        picked = s.sampler.next_batch()
-        batch = s.rollout.generate(
-            s.policy.unwrapped(),
-            [s.train_prompts.token_ids[i] for i in picked],
-            [s.train_prompts.examples[i].answer for i in picked],
-            algo.group_size,
-            prompt_texts=[_display(s.train_prompts.examples[i].prompt) for i in picked],
-        )
+    # 1-2. Rollout and reward: P prompts × G completions, scored (more prompts if groups are filtered).
+    batch, sampling_metrics = _sample_and_score(s, timer)
+    mask = batch.response_mask
 
-    # 2. Reward: score every completion against its prompt's answer.
-    with timer("reward"):
-        result = s.rewards(batch.completions, batch.answers)
-        batch = batch.with_(scores=result.scores, correct=result.correct)
-
-    # 3. Reference (and, when samples are reused, old-policy) log-probs, without gradients.
+    # 3. Score the samples without gradients: reference and sampling-policy log-probs, critic values.
     with timer("ref"), torch.no_grad():
-        if s.reference is not None:
-            batch = batch.with_(ref_logprobs=_logprobs_in_chunks(s, s.reference, batch))
-        if s.schedule.num_iterations > 1:
-            batch = batch.with_(old_logprobs=_logprobs_in_chunks(s, model, batch))
+        ref_logp = _logprobs(s, s.reference, batch) if s.reference is not None else None
+        old_logp = _logprobs(s, policy, batch) if sched.num_iterations > 1 or algo.kl_in_reward else None
+        values = _values(s, s.critic.model, batch) if s.critic is not None else None
+    batch = batch.with_(ref_logprobs=ref_logp, old_logprobs=old_logp, values=values)
 
-    # 4. Advantages from the scores (group baselines, whitening … as the algorithm says).
-    batch = batch.with_(advantages=algo.advantages(AdvantageInputs(batch.scores, batch.response_mask, algo.group_size)))
+    # 4. Advantages: per-token rewards (score on the last token or step rewards, minus β·KL if in the reward).
+    token_rewards = algo.token_rewards(batch.scores, mask, batch.step_rewards, old_logp, ref_logp, state.kl_coef)
+    advantages, returns = algo.advantages(
+        AdvantageInputs(batch.scores, mask, algo.group_size, token_rewards=token_rewards, values=values)
+    )
+    batch = batch.with_(token_rewards=token_rewards, advantages=advantages, returns=returns)
 
-    # 5. Optimise: num_iterations passes over shuffled minibatches, micro-batched for memory.
+    # 5. Optimise: num_iterations passes over shuffled minibatches (the policy waits out the critic warm-up).
     with timer("update"):
-        update_stats = _optimise(s, batch)
+        update_metrics = _optimise(s, batch, state.kl_coef, train_policy=state.step > sched.critic_warmup_steps)
+
+    # 6. Adapt the KL coefficient to the KL just measured (a no-op for a fixed coefficient).
+    kl_coef_used = state.kl_coef
+    if "kl" in update_metrics:
+        state.kl_coef = algo.next_kl_coef(state.kl_coef, update_metrics["kl"], batch.size)
 
     metrics = {
-        "reward/mean": float(batch.scores.mean()),
-        "reward/std": float(batch.scores.std()) if batch.scores.numel() > 1 else 0.0,
-        "accuracy": float(batch.correct.float().mean()),
-        "response_len/mean": float(batch.response_mask.sum(1).mean()),
-        "response_len/clipped_frac": float((batch.response_mask[:, -1] > 0).float().mean()),
-        "advantages/mean": float(batch.advantages.mean()),
-        "advantages/std": float(batch.advantages.std()),
-        **{f"reward/{name}": float(v.mean()) for name, v in result.per_term.items()},
-        **update_stats,
+        **_batch_metrics(batch, s.rewards, algo),
+        **sampling_metrics,
+        **update_metrics,
+        "kl_coef": kl_coef_used,
         "lr": s.policy.lr,
         **timer.seconds,
     }
     metrics["time/step_s"] = sum(timer.seconds.values())
     metrics["throughput/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["time/step_s"]
-    if s.schedule.sample_every and step % s.schedule.sample_every == 1 % s.schedule.sample_every:
-        shown = range(0, len(batch.completions), max(1, len(batch.completions) // max(1, s.schedule.samples_shown)))
-        rows = [{"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i],
-                 "reward": float(batch.scores[i])} for i in list(shown)[: s.schedule.samples_shown]]  # fmt: skip
-        s.logger.samples(rows, step)
+    if sched.sample_every and (state.step - 1) % sched.sample_every == 0:
+        s.logger.samples(_sample_rows(batch, sched.samples_shown), state.step)
     return metrics
+
+
+def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]:
+    """Generate and score P prompts' groups; with dynamic sampling keep only groups whose rewards
+    differ and sample more prompts until P such groups are found or the retries run out."""
+    algo, sched = s.algo, s.schedule
+    kept: list[Batch] = []
+    n_kept = n_sampled = 0
+    last = None
+    term_sums: dict[str, float] = {}
+    for _attempt in range(1 + (sched.sampling_retries if algo.dynamic_sampling else 0)):
+        with timer("rollout"):
+            picked = s.sampler.next_batch()
+            batch = s.rollout.generate(
+                s.policy.unwrapped(),
+                [s.train_prompts.token_ids[i] for i in picked],
+                [s.train_prompts.examples[i].answer for i in picked],
+                algo.group_size,
+                prompt_texts=[_display(s.train_prompts.examples[i].prompt) for i in picked],
+            )
+        with timer("reward"):
+            result = s.rewards(batch.completions, batch.answers)
+            lengths = batch.response_mask.sum(dim=1)
+            batch = batch.with_(scores=algo.shape_scores(result.scores, lengths, sched.max_new_tokens), correct=result.correct)
+        n_sampled += len(picked)
+        for name, values in result.per_term.items():  # unshaped, over everything sampled
+            term_sums[name] = term_sums.get(name, 0.0) + float(values.sum())
+        last = batch
+        if not algo.dynamic_sampling:
+            return _with_steps(s, batch, result.steps), {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
+        keep = shaping.groups_with_signal(batch.scores, algo.group_size)
+        if keep.any():
+            rows = torch.nonzero(keep.repeat_interleave(algo.group_size)).squeeze(1)
+            kept.append(batch.rows(rows))
+            n_kept += int(keep.sum())
+        if n_kept >= sched.prompts_per_step:
+            break
+    metrics = {"sampling/prompts_sampled": float(n_sampled), "sampling/groups_kept": float(n_kept)}
+    metrics.update({f"reward/{k}": v / (n_sampled * algo.group_size) for k, v in term_sums.items()})
+    if not kept:  # every group was uniform: train on the last batch (its advantages are all 0)
+        return last, metrics
+    batch = concat(kept, s.tokenizer.pad_token_id)
+    n_rows = min(n_kept, sched.prompts_per_step) * algo.group_size
+    return batch.rows(torch.arange(n_rows)), metrics
+
+
+def _with_steps(s: Stages, batch: Batch, steps) -> Batch:
+    if steps is None:
+        return batch
+    responses = batch.input_ids[:, -batch.response_length :]
+    return batch.with_(step_rewards=step_rewards_to_tokens(s.tokenizer, responses, batch.response_mask, steps))
 
 
 def _display(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def _logprobs_in_chunks(s: Stages, model, batch: Batch) -> torch.Tensor:
-    chunks = []
-    for start in range(0, batch.input_ids.shape[0], s.schedule.micro_batch_size):
-        rows = slice(start, start + s.schedule.micro_batch_size)
+def _chunks(s: Stages, batch: Batch):
+    for start in range(0, batch.size, s.schedule.micro_batch_size):
+        yield slice(start, start + s.schedule.micro_batch_size)
+
+
+def _logprobs(s: Stages, model, batch: Batch) -> torch.Tensor:
+    out = []
+    for rows in _chunks(s, batch):
         with s.policy.autocast():
             logp, _ = response_logprobs(
                 model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length, s.schedule.temperature
             )
-        chunks.append(logp)
-    return torch.cat(chunks)
+        out.append(logp)
+    return torch.cat(out)
 
 
-def _optimise(s: Stages, batch: Batch) -> dict[str, float]:
-    n, sched = batch.input_ids.shape[0], s.schedule
+def _values(s: Stages, critic, batch: Batch) -> torch.Tensor:
+    out = []
+    for rows in _chunks(s, batch):
+        with s.policy.autocast():
+            out.append(response_values(critic, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length))
+    return torch.cat(out)
+
+
+def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> dict[str, float]:
+    sched, algo = s.schedule, s.algo
     sums: dict[str, float] = {}
-    counts = 0
-    grad_norms = []
+    weight_total = 0.0
+    grad_norms, critic_grad_norms = [], []
     for _ in range(sched.num_iterations):
-        order = torch.randperm(n)
-        for start in range(0, n, sched.minibatch_size):
+        order = torch.randperm(batch.size)
+        for start in range(0, batch.size, sched.minibatch_size):
             minibatch = batch.rows(order[start : start + sched.minibatch_size])
-            for micro_start in range(0, minibatch.input_ids.shape[0], sched.micro_batch_size):
-                micro = minibatch.rows(torch.arange(micro_start, min(micro_start + sched.micro_batch_size, minibatch.input_ids.shape[0])))
-                weight = ops.micro_batch_weight(micro.response_mask, minibatch.response_mask, s.algo.loss_agg)
-                with s.policy.autocast():
-                    logp, entropy = response_logprobs(
-                        s.policy.model, micro.input_ids, micro.attention_mask, micro.response_length,
-                        sched.temperature, with_entropy=True, entropy_grad=s.algo.entropy_coef != 0,
-                    )  # fmt: skip
-                old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()
-                loss, stats = s.algo.loss(logp, old, micro.advantages, micro.response_mask, micro.ref_logprobs, entropy)
-                s.policy.backward(loss * weight)
-                for key, value in {"loss/total": loss.detach(), **stats}.items():
+            for micro_start in range(0, minibatch.size, sched.micro_batch_size):
+                micro = minibatch.rows(torch.arange(micro_start, min(micro_start + sched.micro_batch_size, minibatch.size)))
+                weight = ops.micro_batch_weight(micro.response_mask, minibatch.response_mask, algo.loss_agg)
+                stats: dict[str, torch.Tensor] = {}
+                if train_policy:
+                    with s.policy.autocast():
+                        logp, entropy = response_logprobs(
+                            s.policy.model, micro.input_ids, micro.attention_mask, micro.response_length,
+                            sched.temperature, with_entropy=True, entropy_grad=algo.entropy_coef != 0,
+                        )  # fmt: skip
+                    old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()
+                    loss, stats = algo.loss(
+                        logp, old, micro.advantages, micro.response_mask, micro.ref_logprobs, entropy, kl_coef
+                    )
+                    s.policy.backward(loss * weight)
+                    stats = {"loss/total": loss.detach(), **stats}
+                if s.critic is not None:
+                    with s.critic.autocast():
+                        values = response_values(s.critic.model, micro.input_ids, micro.attention_mask, micro.response_length)
+                    critic_loss, critic_stats = algo.critic_loss(values, micro.values, micro.returns, micro.response_mask)
+                    critic_weight = ops.micro_batch_weight(micro.response_mask, minibatch.response_mask, "token-mean")
+                    s.critic.backward(critic_loss * critic_weight)
+                    stats.update(critic_stats)
+                for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * weight
-                counts += weight
-            grad_norms.append(s.policy.step())
-    averaged = {key: value / max(counts, 1e-12) for key, value in sums.items()}
-    averaged["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    averaged["optim/updates"] = len(grad_norms)
-    return averaged
+                weight_total += weight
+            if train_policy:
+                grad_norms.append(s.policy.step())
+            if s.critic is not None:
+                critic_grad_norms.append(s.critic.step())
+    metrics = {key: value / max(weight_total, 1e-12) for key, value in sums.items()}
+    metrics["optim/updates"] = float(len(grad_norms))
+    if grad_norms:
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    if critic_grad_norms:
+        metrics["critic/grad_norm"] = sum(critic_grad_norms) / len(critic_grad_norms)
+    return metrics
+
+
+def _batch_metrics(batch: Batch, rewards: WeightedRewards, algo: Algorithm) -> dict[str, float]:
+    mask = batch.response_mask
+    adv_mask = mask if batch.advantages.ndim == 2 else torch.ones_like(batch.advantages)
+    adv_mean = ops.masked_mean(batch.advantages, adv_mask)
+    metrics = {
+        "reward/mean": float(batch.scores.mean()),
+        "reward/std": float(batch.scores.std()) if batch.size > 1 else 0.0,
+        "accuracy": float(batch.correct.float().mean()),
+        "response_len/mean": float(mask.sum(1).mean()),
+        "response_len/clipped_frac": float((mask[:, -1] > 0).float().mean()),
+        "advantages/mean": float(adv_mean),
+        "advantages/std": float(ops.masked_var(batch.advantages, adv_mask).sqrt()),
+    }
+    if batch.values is not None:
+        residual_var = ops.masked_var(batch.returns - batch.values, mask)
+        metrics["value/mean"] = float(ops.masked_mean(batch.values, mask))
+        metrics["returns/mean"] = float(ops.masked_mean(batch.returns, mask))
+        # 1 − Var(R − V) / Var(R): 1 is a perfect critic, ≤ 0 no better than predicting the mean.
+        metrics["value/explained_variance"] = float(1 - residual_var / ops.masked_var(batch.returns, mask).clamp(min=1e-8))
+    return metrics
+
+
+def _sample_rows(batch: Batch, count: int) -> list[dict]:
+    stride = max(1, batch.size // max(1, count))
+    return [
+        {"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i], "reward": float(batch.scores[i])}
+        for i in range(0, batch.size, stride)[:count]
+    ]
 
 
 def evaluate_and_log(s: Stages, step: int, label: str) -> dict[str, float]:
@@ -177,8 +291,8 @@ def evaluate_and_log(s: Stages, step: int, label: str) -> dict[str, float]:
     results["time_s"] = time.perf_counter() - start
     s.logger.metrics({f"eval/{k}": v for k, v in results.items()}, step)
     s.logger.message(
-        f"[bold]eval ({label})[/bold] accuracy {results['accuracy']:.3f}  reward {results['reward_mean']:.3f}  "
-        f"on {results['n_prompts']} held-out prompts  ({results['time_s']:.1f}s)"
+        f"[bold]eval {label}:[/bold] accuracy {results['accuracy']:.3f}  reward {results['reward_mean']:.3f}  "
+        f"({results['n_prompts']} held-out prompts, {results['time_s']:.1f}s)"
     )
     return results
 
@@ -187,14 +301,16 @@ def train(s: Stages) -> dict:
     """Evaluate, run every step, evaluate again, save; returns {"before", "after", "final_metrics"}."""
     summary: dict = {}
     started = time.perf_counter()
+    state = TrainState(step=0, kl_coef=s.algo.kl_coef)
     if s.evaluator is not None:
         summary["before"] = evaluate_and_log(s, 0, "before training")
     metrics: dict[str, float] = {}
-    for step in range(1, s.schedule.steps + 1):
-        metrics = {"step": step, **train_step(s, step)}
-        s.logger.metrics(metrics, step)
-        if s.schedule.eval_every and step % s.schedule.eval_every == 0 and step != s.schedule.steps:
-            evaluate_and_log(s, step, f"step {step}")
+    while state.step < s.schedule.steps:
+        state.step += 1
+        metrics = {"step": state.step, **train_step(s, state)}
+        s.logger.metrics(metrics, state.step)
+        if s.schedule.eval_every and state.step % s.schedule.eval_every == 0 and state.step != s.schedule.steps:
+            evaluate_and_log(s, state.step, f"at step {state.step}")
     if s.evaluator is not None:
         summary["after"] = evaluate_and_log(s, s.schedule.steps, "after training")
         (s.run_dir / "eval.json").write_text(json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n")

@@ -20,3 +20,12 @@ def tiny_model(tokenizer):
     from rlctl.models import load_causal_lm
 
     return load_causal_lm("random:tiny", tokenizer, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; each in-process build here starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -48,7 +48,8 @@ def test_micro_batch_weights_recombine_to_the_minibatch_loss(mode):
     mask[:, 0] = 1
     whole = ops.aggregate(loss, mask, mode, norm_length=5)
     parts = sum(
-        ops.micro_batch_weight(mask[i : i + 2], mask, mode) * ops.aggregate(loss[i : i + 2], mask[i : i + 2], mode, norm_length=5)
+        ops.micro_batch_weight(mask[i : i + 2], mask, mode)
+        * ops.aggregate(loss[i : i + 2], mask[i : i + 2], mode, norm_length=5)
         for i in (0, 2, 4)
     )
     assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
@@ -98,10 +99,11 @@ def test_group_baselines_refuse_a_group_of_one():
         Algorithm(advantage="rloo", group_size=1)
 
 
-def test_reinforce_pp_whitens_over_all_valid_tokens():
-    scores = torch.tensor([1.0, 0.0])
+def test_reinforce_pp_whitens_the_returns_over_all_valid_tokens():
+    # Scores 1 and 0 on the last valid tokens; returns-to-go (γ = 1) are 1, 1 and 0 (row 1 has one token).
+    token_rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    a = advantages.reinforce_pp(scores, mask)
+    a = advantages.reinforce_pp(token_rewards, mask)
     # Valid values 1, 1, 0: mean 2/3, unbiased var 1/3.
     std = math.sqrt(1 / 3)
     assert a.flatten().tolist() == pytest.approx([(1 / 3) / std, (1 / 3) / std, (-2 / 3) / std, 0.0], rel=1e-5)
@@ -207,7 +209,7 @@ def test_pg_gradient_equals_ppo_clip_gradient_on_fresh_samples():
     grads = []
     for fn in (losses.pg, losses.ppo_clip):
         logp = base.clone().requires_grad_()
-        loss, _ = fn(logp, base, adv, mask, 0.2, 0.2, "seq-mean-token-mean")
+        loss, _ = fn(logp, base, adv, mask, agg="seq-mean-token-mean")
         loss.backward()
         grads.append(logp.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -228,7 +230,7 @@ def test_algorithm_adds_the_kl_term_with_its_coefficient():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(KeyError, match=r"known: \['grpo', 'reinforce', 'reinforce_pp', 'rloo'\]"):
+    with pytest.raises(KeyError, match=r"known: \['gae', 'grpo', 'reinforce', 'reinforce_pp', 'rloo'\]"):
         Algorithm(advantage="ppo2")
     with pytest.raises(KeyError, match="ppo_clip"):
         Algorithm(policy_loss="nope")
@@ -239,4 +241,4 @@ def test_algorithm_needs_a_reference_only_with_a_kl_coefficient():
     assert not Algorithm(kl_coef=0.0).needs_reference
     assert Algorithm(kl_coef=0.04).needs_reference
     inputs = AdvantageInputs(torch.tensor([1.0, 0.0]), torch.ones(2, 3), group_size=2)
-    assert Algorithm(group_size=2).advantages(inputs).tolist() == pytest.approx([0.7071, -0.7071], rel=1e-3)
+    assert Algorithm(group_size=2).advantages(inputs)[0].tolist() == pytest.approx([0.7071, -0.7071], rel=1e-3)

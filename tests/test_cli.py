@@ -13,7 +13,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_M
 
 
 def rlctl(*args, cwd=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"rlctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -22,7 +24,9 @@ def rlctl(*args, cwd=None, check=True):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
-    result = rlctl("train", "recipe=smoke", f"hydra.run.dir={run_dir}")
+    # A reward the random tiny model earns now and then (its samples contain "ing" in about a
+    # quarter of cases with this seed), so the advantages are not all zero and the weights move.
+    result = rlctl("train", "recipe=smoke", "reward.terms=[{name: format, pattern: ing}]", f"hydra.run.dir={run_dir}")
     return run_dir, result
 
 
@@ -37,7 +41,9 @@ def test_train_smoke_writes_the_run_folder(smoke_run):
                 "throughput/tokens_per_s"}  # fmt: skip
     assert required <= set(steps[0]), required - set(steps[0])
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    assert {"accuracy", "reward_mean"} <= set(evaluation["before"]) and {"accuracy", "reward_mean"} <= set(evaluation["after"])
+    assert {"accuracy", "reward_mean"} <= set(evaluation["before"]) and {"accuracy", "reward_mean"} <= set(
+        evaluation["after"]
+    )
     assert "step 2/2" in result.stdout and "samples at step 1" in result.stdout
 
 
@@ -50,9 +56,11 @@ def test_the_final_checkpoint_loads_with_transformers_and_changed_from_init(smok
 
     initial = load_causal_lm("random:tiny", load_tokenizer("random:tiny"), seed=0)
     changed = [
-        not torch.equal(p, initial.state_dict()[name]) for name, p in trained.state_dict().items() if name in initial.state_dict()
+        not torch.equal(p, initial.state_dict()[name])
+        for name, p in trained.state_dict().items()
+        if name in initial.state_dict()
     ]
-    assert any(changed), "two optimiser steps left every weight unchanged"
+    assert any(changed), "two optimiser steps with non-zero advantages left every weight unchanged"
 
 
 def test_eval_and_generate_accept_the_checkpoint(smoke_run, tmp_path):
@@ -77,7 +85,8 @@ def test_help_lists_the_config_groups_and_recipes_lists_files():
     out = rlctl("train", "--help").stdout
     for group in ("algo:", "model:", "data:", "reward:", "rollout:", "logger:", "recipe:"):
         assert group in out
-    assert "grpo, " in out or "grpo\n" in out or "dr_grpo, grpo" in out
+    algo_line = next(line for line in out.splitlines() if line.startswith("algo:"))
+    assert "grpo" in algo_line and "ppo" in algo_line and "rlctl train:" in out
     recipes = rlctl("recipes").stdout
     assert "smoke" in recipes and "tiny random model" in recipes
 
@@ -95,7 +104,10 @@ def test_multirun_sweeps_two_values_into_two_folders(tmp_path):
     "overrides, message",
     [
         (["algo=ppo2"], "Could not find 'algo/ppo2'"),
-        (["algo.advantage=ppo2"], "unknown advantage estimator 'ppo2'; known: ['grpo', 'reinforce', 'reinforce_pp', 'rloo']"),
+        (
+            ["algo.advantage=ppo2"],
+            "unknown advantage estimator 'ppo2'; known: ['gae', 'grpo', 'reinforce', 'reinforce_pp', 'rloo']",
+        ),
         (["reward.terms=[{name: exact}]"], "unknown reward 'exact'; known:"),
         (["optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
         (["data=jsonl", "data.path=/nonexistent/train.jsonl"], "file not found: /nonexistent/train.jsonl"),
@@ -115,15 +127,26 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(overrides, message, tmp_
 def test_a_row_without_the_prompt_field_is_named(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"text": "2+2?", "answer": "4"}\n')
-    result = rlctl("train", "recipe=smoke", f"hydra.run.dir={tmp_path / 'run'}", "data=jsonl", f"data.path={data}", check=False)
+    result = rlctl(
+        "train", "recipe=smoke", f"hydra.run.dir={tmp_path / 'run'}", "data=jsonl", f"data.path={data}", check=False
+    )
     assert result.returncode == 1 and f"{data}:2 has no field 'prompt'" in result.stderr
 
 
 def test_overlong_prompts_are_reported_not_fatal(tmp_path):
     data = tmp_path / "d.jsonl"
-    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)] + [{"prompt": "long " * 300, "answer": "0"}]
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)] + [
+        {"prompt": "long " * 300, "answer": "0"}
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = rlctl("train", "recipe=smoke", "steps=1", "data=jsonl", f"data.path={data}", "data.eval_path=" + str(data),
                    "data.max_prompt_tokens=100", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     assert "1 training prompts skipped" in result.stdout
-    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["data/prompts_skipped"] == 2
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["data/prompts_skipped"] == 1  # the held-out set is the first 4 rows
+
+
+def test_wandb_logger_works_offline(tmp_path):
+    rlctl("train", "recipe=smoke", "logger=wandb", "steps=1", "eval.enabled=false", "save_final=false",
+          f"hydra.run.dir={tmp_path}")  # fmt: skip
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs and any(offline_runs[0].glob("*.wandb"))

@@ -18,7 +18,13 @@ def test_exact_number_compares_the_first_number(completion, answer, expected):
 
 @pytest.mark.parametrize(
     "completion, expected",
-    [("She has 3 + 4 = 7 apples.\n#### 7", 1.0), ("so 12 - 5 = 7", 1.0), ("#### 8", 0.0), ("#### 7.", 1.0), ("no numbers", 0.0)],
+    [
+        ("She has 3 + 4 = 7 apples.\n#### 7", 1.0),
+        ("so 12 - 5 = 7", 1.0),
+        ("#### 8", 0.0),
+        ("#### 7.", 1.0),
+        ("no numbers", 0.0),
+    ],
 )
 def test_gsm8k_reads_the_answer_after_the_marker_else_the_last_number(completion, expected):
     assert gsm8k(completion, "7") == expected
@@ -46,5 +52,7 @@ def test_weighted_sum_and_accuracy_from_the_designated_term():
 
 
 def test_unknown_reward_lists_the_known_ones():
-    with pytest.raises(RlctlError, match=r"unknown reward 'exact'; known: \['exact_number', 'format', 'gsm8k', 'math_verify'\]"):
+    with pytest.raises(
+        RlctlError, match=r"unknown reward 'exact'; known: \['exact_number', 'format', 'gsm8k', 'math_verify'\]"
+    ):
         WeightedRewards([Term("exact", 1.0, {})])

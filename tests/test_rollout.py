@@ -36,7 +36,10 @@ def test_generate_returns_groups_in_order_with_aligned_tensors(tokenizer, tiny_m
 def test_greedy_generation_is_deterministic(tokenizer, tiny_model):
     rollout = HFRollout(tokenizer, SamplingParams(max_new_tokens=5, temperature=0.0))
     prompt = [tokenizer("What is 1 + 1?")["input_ids"]]
-    assert rollout.generate(tiny_model, prompt, ["2"], 2).completions == rollout.generate(tiny_model, prompt, ["2"], 2).completions
+    assert (
+        rollout.generate(tiny_model, prompt, ["2"], 2).completions
+        == rollout.generate(tiny_model, prompt, ["2"], 2).completions
+    )
 
 
 def test_response_logprobs_match_a_full_forward_and_ignore_left_padding(tokenizer, tiny_model):
@@ -45,7 +48,9 @@ def test_response_logprobs_match_a_full_forward_and_ignore_left_padding(tokenize
     prompts = [tokenizer("short")["input_ids"], tokenizer("a somewhat longer prompt")["input_ids"]]
     batch = rollout.generate(tiny_model, prompts, ["", ""], group_size=1)
     with torch.no_grad():
-        logp, entropy = response_logprobs(tiny_model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True)
+        logp, entropy = response_logprobs(
+            tiny_model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True
+        )
         # Row 0 recomputed alone, without padding, through the plain full-logits path.
         real = batch.attention_mask[0].bool()
         ids = batch.input_ids[0][real][None]

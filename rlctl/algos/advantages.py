@@ -46,11 +46,22 @@ def rloo(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others_mean).reshape(-1)
 
 
-def reinforce_pp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE++ (Hu 2025): the sequence reward on every token, whitened over all valid tokens
-    of the batch (a global baseline instead of a group one). scores [B], mask [B,T] -> [B,T]."""
-    per_token = scores[:, None].to(torch.float32).expand_as(mask) * mask
-    return masked_whiten(per_token, mask)
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = Σ_{k ≥ t} γ^{k−t}·r_k over valid tokens. rewards, mask [B, T] -> [B, T] (0 where masked)."""
+    mask = mask.to(rewards.dtype)
+    running = torch.zeros_like(rewards[:, 0])
+    out = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t].bool(), rewards[:, t] * mask[:, t] + gamma * running, running)
+        out[:, t] = running * mask[:, t]
+    return out
+
+
+def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): A_t = whiten_batch(Σ_{k ≥ t} γ^{k−t}·r_k), a global baseline instead of a
+    group one. token_rewards [B, T] (the score on the last token, minus β·KL_t when the KL is in the
+    reward), mask [B, T] -> [B, T], whitened over every valid token of the batch."""
+    return masked_whiten(returns_to_go(token_rewards, mask, gamma), mask)
 
 
 def gae(

@@ -26,3 +26,15 @@ def estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Ten
         x = log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
         return torch.expm1(-x) + x
     raise KeyError(f"unknown KL estimator {kind!r}; known: {list(KINDS)}")
+
+
+def adaptive_kl_coef(kl_coef: float, measured_kl: float, target: float, horizon: int, n_steps: int = 1) -> float:
+    """The adaptive penalty of Ziegler et al. 2019 (PPO-penalty): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon).
+
+    β rises when the measured KL is above the target and falls when below; ``n_steps`` samples
+    were seen since the last update and ``horizon`` sets how fast β reacts.
+    """
+    if target <= 0 or horizon <= 0:
+        raise ValueError(f"the adaptive KL controller needs target > 0 and horizon > 0, got {target}, {horizon}")
+    error = min(max(measured_kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

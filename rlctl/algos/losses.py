@@ -1,4 +1,8 @@
-"""Policy losses. logp, old_logp, mask: [B, T]; advantages [B] (one per sequence) or [B, T]."""
+"""Policy and value losses. logp, old_logp, mask: [B, T]; advantages [B] (one per sequence) or [B, T].
+
+Every policy loss takes the same keyword arguments so the algorithm config can pick any of them by
+name; a loss ignores the ones it has no use for.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,16 @@ def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return advantages[:, None].expand_as(like) if advantages.ndim == 1 else advantages
 
 
+def _stats(logp, old_logp, mask, clipped_mask) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        log_ratio = logp - old_logp
+        return {
+            "clip_frac": masked_mean(clipped_mask.to(logp.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+            "ratio_mean": masked_mean(torch.exp(log_ratio), mask),
+        }
+
+
 def ppo_clip(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -20,31 +34,34 @@ def ppo_clip(
     clip_high: float = 0.2,
     agg: str = "token-mean",
     norm_length: int | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017), asymmetric bounds as in DAPO's clip-higher.
 
     ρ_t = exp(logp_t − old_logp_t)
     l_t = −min(ρ_t·A_t, clip(ρ_t, 1−ε_low, 1+ε_high)·A_t)
+    dual clip (Ye et al. 2020), for A_t < 0 only: l_t = min(l_t, −c·A_t), c > 1, which bounds the
+    loss when a very large ratio meets a negative advantage.
     loss = aggregate(l, mask, agg)
     The gradient is zero where the ratio has left the clip range on the side the advantage pushes
-    (ρ > 1+ε_high with A > 0, ρ < 1−ε_low with A < 0).
-    Returns (loss, stats) with stats ``clip_frac`` (share of valid tokens where the clipped term
-    was chosen) and ``approx_kl`` (mean of ½(logp − old_logp)², an estimate of KL(old ‖ new)).
+    (ρ > 1+ε_high with A > 0, ρ < 1−ε_low with A < 0), and with dual clip where ρ > c and A < 0.
+    Returns (loss, stats): ``clip_frac`` (share of valid tokens where a clipped term was chosen),
+    ``approx_kl`` (mean ½(logp − old_logp)², an estimate of KL(old ‖ new)), ``ratio_mean``.
     """
     adv = _per_token(advantages, logp).to(logp.dtype)
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    loss = aggregate(per_token, mask, agg, norm_length)
-    with torch.no_grad():
-        stats = {
-            "clip_frac": masked_mean((clipped < unclipped).to(logp.dtype), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (per_token > bound)
+        per_token = torch.where(dual, bound, per_token)
+        was_clipped = was_clipped | dual
+    return aggregate(per_token, mask, agg, norm_length), _stats(logp, old_logp, mask, was_clipped)
 
 
 def pg(
@@ -52,22 +69,66 @@ def pg(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
     agg: str = "token-mean",
     norm_length: int | None = None,
+    **_unused,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla policy gradient, no ratio and no clipping: l_t = −A_t·logp_t, aggregated.
 
-    Same signature as ``ppo_clip`` (the clip bounds and old_logp are unused) so either can be
-    picked by name; its gradient equals ppo_clip's on the first pass over fresh samples.
+    Its gradient equals ppo_clip's on the first pass over fresh samples (ρ = 1).
     """
     adv = _per_token(advantages, logp).to(logp.dtype)
     loss = aggregate(-adv * logp, mask, agg, norm_length)
+    return loss, _stats(logp, old_logp, mask, torch.zeros_like(mask, dtype=torch.bool))
+
+
+def gspo(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    agg: str = "seq-mean-token-mean",
+    norm_length: int | None = None,
+    **_unused,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025): one importance ratio per sequence, the geometric mean of the token ratios.
+
+    s_i = exp( (1/|y_i|) Σ_t (logp_t − old_logp_t) )
+    token form: s_{i,t} = sg[s_i] · π(y_t) / sg[π(y_t)]  (same value as s_i; gradient spread over tokens)
+    l_{i,t} = −min(s_{i,t}·A_i, clip(s_{i,t}, 1−ε_low, 1+ε_high)·A_i), aggregated (the paper: seq-mean-token-mean).
+    Advantages must be per sequence ([B], or [B, T] constant along T).
+    """
+    adv = _per_token(advantages, logp).to(logp.dtype)
+    seq_log_ratio = masked_mean(logp - old_logp, mask, dim=-1)  # [B]
+    token_log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()
+    ratio = torch.exp(token_log_ratio)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = torch.maximum(unclipped, clipped)
+    stats = _stats(logp, old_logp, mask, clipped > unclipped)
+    stats["seq_ratio_mean"] = torch.exp(seq_log_ratio.detach()).mean()
+    return aggregate(per_token, mask, agg, norm_length), stats
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    value_clip: float = 0.2,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped value loss: l_t = ½·max((V_t − R_t)², (V_clip,t − R_t)²),
+    V_clip = old_V + clip(V − old_V, −c, c). values, old_values, returns, mask [B, T].
+
+    Returns (loss, stats) with ``value_clip_frac`` (share of tokens where the clipped term was larger).
+    """
+    clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = aggregate(0.5 * torch.maximum(unclipped_error, clipped_error), mask, agg)
     with torch.no_grad():
-        stats = {
-            "clip_frac": torch.zeros((), dtype=logp.dtype),
-            "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, mask),
-            "ratio_mean": masked_mean(torch.exp(logp - old_logp), mask),
-        }
+        stats = {"value_clip_frac": masked_mean((clipped_error > unclipped_error).to(values.dtype), mask)}
     return loss, stats

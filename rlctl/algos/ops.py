@@ -18,7 +18,11 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Σ x·mask / Σ mask over ``dim``; an all-masked slice gives 0, not NaN."""
     mask = mask.to(x.dtype)
-    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0) if dim is not None else masked_sum(x, mask) / mask.sum().clamp(min=1.0)
+    return (
+        masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0)
+        if dim is not None
+        else masked_sum(x, mask) / mask.sum().clamp(min=1.0)
+    )
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 from rlctl.errors import RlctlError
 
-Prompt = Union[str, list]  # a plain string, or chat messages [{"role": ..., "content": ...}]
+Prompt = str | list  # a plain string, or chat messages [{"role": ..., "content": ...}]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _evaluate(operands: list[int], ops: list[str]) -> int:
 
 @source("arithmetic")
 def arithmetic(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
-    """"What is 3 + 4? Answer with just the number." with `digits`-digit operands.
+    """ "What is 3 + 4? Answer with just the number." with `digits`-digit operands.
 
     The split is by problem (a hash of the expression), so no held-out problem is ever trained on.
     """
@@ -148,7 +149,9 @@ def read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise RlctlError(f"data: {file}:{number} is not valid JSON ({err.msg}); is this a JSONL file?") from None
+                raise RlctlError(
+                    f"data: {file}:{number} is not valid JSON ({err.msg}); is this a JSONL file?"
+                ) from None
             if not isinstance(row, dict):
                 raise RlctlError(f"data: {file}:{number} is a JSON {type(row).__name__}, expected an object")
             rows.append((f"{file}:{number}", row))
@@ -168,7 +171,9 @@ def rows_to_examples(rows: list[tuple[str, dict[str, Any]]], spec: SourceSpec) -
                 raise RlctlError(f"data: row {origin} has no field {key!r} (fields: {sorted(row)})")
         prompt, answer = row[spec.prompt_field], row[spec.answer_field]
         if not isinstance(prompt, (str, list)) or not prompt:
-            raise RlctlError(f"data: row {origin}: field {spec.prompt_field!r} must be a non-empty string or chat messages")
+            raise RlctlError(
+                f"data: row {origin}: field {spec.prompt_field!r} must be a non-empty string or chat messages"
+            )
         if isinstance(prompt, list) and not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
             raise RlctlError(f"data: row {origin}: chat messages need 'role' and 'content' in every message")
         answer = str(answer)
@@ -205,7 +210,9 @@ def _hub_rows(dataset_id: str, subset: str | None, split: str) -> list[tuple[str
     try:
         table = datasets.load_dataset(dataset_id, subset, split=split)
     except Exception as err:  # datasets raises many types for "not found / offline"
-        raise RlctlError(f"data: cannot load hub dataset {dataset_id!r} (subset {subset!r}, split {split!r}): {err}") from None
+        raise RlctlError(
+            f"data: cannot load hub dataset {dataset_id!r} (subset {subset!r}, split {split!r}): {err}"
+        ) from None
     return [(f"{dataset_id}[{split}]:{i + 1}", dict(row)) for i, row in enumerate(table)]
 
 

@@ -1,15 +1,17 @@
-"""Rule rewards: ``fn(completion, answer, **params) -> float`` registered by name.
+"""Rule rewards: ``fn(completion, answer, **params)`` registered by name.
 
-A correctness rule scores 1.0 for a right answer and 0.0 otherwise, so the mean of its score over
-held-out prompts is the accuracy.
+A rule returns a float (one score for the whole completion), or a list of step rewards
+``[(char_offset, reward), ...]``: process rewards, each credited to the token that covers that
+character of the completion (e.g. the end of a line of reasoning). A correctness rule scores 1.0
+for a right answer and 0.0 otherwise, so the mean of its score is the accuracy.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Callable
 
 import torch
 
@@ -28,7 +30,7 @@ def rule(name: str):
 
 
 def parse_number(text: str) -> Decimal | None:
-    """"1,234" -> 1234, "3.50" -> 3.5; None when it is not a number."""
+    """ "1,234" -> 1234, "3.50" -> 3.5; None when it is not a number."""
     try:
         return Decimal(text.replace(",", "").rstrip("."))
     except InvalidOperation:
@@ -77,11 +79,15 @@ def format_match(completion: str, answer: str, pattern: str | None = None) -> fl
     return float(re.search(pattern, completion, flags=re.DOTALL) is not None)
 
 
+StepRewards = list[tuple[int, float]]  # (character offset in the completion, reward)
+
+
 @dataclass(frozen=True)
 class RewardResult:
-    scores: torch.Tensor  # [N] weighted sum of the terms
+    scores: torch.Tensor  # [N] weighted sum of the terms (step rewards summed)
     correct: torch.Tensor  # [N] bool: the accuracy term scored 1
     per_term: dict[str, torch.Tensor]  # term name -> [N] unweighted scores
+    steps: list[StepRewards] | None = None  # per completion, weighted; None when every term gave one score
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,23 @@ class WeightedRewards:
     def __call__(self, completions: list[str], answers: list[str]) -> RewardResult:
         per_term: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions))
+        steps: list[StepRewards] = [[] for _ in completions]
+        any_steps = False
         for index, term in enumerate(self.terms):
             fn = RULES[term.name]
-            scores = torch.tensor([fn(c, a, **term.params) for c, a in zip(completions, answers)], dtype=torch.float32)
+            values = []
+            for row, (completion, answer) in enumerate(zip(completions, answers)):
+                value = fn(completion, answer, **term.params)
+                if isinstance(value, (list, tuple)):  # step rewards
+                    any_steps = True
+                    steps[row] += [(int(offset), term.weight * float(r)) for offset, r in value]
+                    value = sum(float(r) for _, r in value)
+                else:  # one score, credited at the end of the completion
+                    steps[row].append((len(completion), term.weight * float(value)))
+                values.append(float(value))
+            scores = torch.tensor(values, dtype=torch.float32)
             key = term.name if term.name not in per_term else f"{term.name}_{index}"
             per_term[key] = scores
             total += term.weight * scores
         correct = list(per_term.values())[self.accuracy_term] >= 1.0
-        return RewardResult(total, correct, per_term)
+        return RewardResult(total, correct, per_term, steps if any_steps else None)

@@ -4,8 +4,9 @@ responses of every chunk line up in one [B, L] tensor."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager
 
 import torch
 
@@ -41,14 +42,21 @@ def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torc
 
 
 class HFRollout:
-    def __init__(self, tokenizer, params: SamplingParams, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+    def __init__(
+        self, tokenizer, params: SamplingParams, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    ):
         self.tokenizer, self.params, self.autocast = tokenizer, params, autocast
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
 
     @torch.no_grad()
     def generate(
-        self, model, prompt_ids: list[list[int]], answers: list[str], group_size: int, prompt_texts: list[str] | None = None
+        self,
+        model,
+        prompt_ids: list[list[int]],
+        answers: list[str],
+        group_size: int,
+        prompt_texts: list[str] | None = None,
     ) -> Batch:
         """Sample ``group_size`` completions for each prompt; rows p·G … p·G+G−1 belong to prompt p.
 
@@ -91,3 +99,31 @@ class HFRollout:
             completions=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
             answers=[a for a in answers for _ in range(group_size)],
         )
+
+
+def step_rewards_to_tokens(
+    tokenizer, responses: torch.Tensor, response_mask: torch.Tensor, steps: list[list[tuple[int, float]]]
+) -> torch.Tensor:
+    """Place step rewards given at character offsets of the decoded completion onto response tokens.
+
+    A reward at offset c goes to the first token whose decoded text reaches character c (the token
+    that completes the step); one at or past the end of the text goes to the last valid token, where
+    a whole-sequence score sits.
+    responses, response_mask [B, T]; steps: per row [(offset, reward)] -> [B, T].
+    """
+    out = torch.zeros(response_mask.shape, dtype=torch.float32)
+    for row, row_steps in enumerate(steps):
+        n_valid = int(response_mask[row].sum())
+        if n_valid == 0 or not row_steps:
+            continue
+        ends, length = [], 0
+        for token in responses[row, :n_valid].tolist():
+            length += len(tokenizer.decode([token], skip_special_tokens=True))
+            ends.append(length)
+        for offset, reward in row_steps:
+            if offset >= ends[-1]:
+                index = n_valid - 1
+            else:
+                index = next(i for i, end in enumerate(ends) if end >= offset and end > 0)
+            out[row, index] += reward
+    return out
