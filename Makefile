@@ -35,3 +35,6 @@ train: setup
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_algos.py

@@ -1,5 +1,8 @@
 """The training step on the tiny model, in-process."""
 
+import math
+
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -53,3 +56,48 @@ def test_minibatches_and_iterations_give_the_expected_number_of_updates(tmp_path
     # 2 prompts × 4 completions = 8 samples -> 2 minibatches of 4, twice.
     assert metrics["optim/updates"] == 4
     assert 0.0 <= metrics["clip_frac"] <= 1.0
+
+
+def test_grpo_builds_no_critic_and_ppo_builds_one_from_the_same_defaults(tmp_path):
+    grpo = build(tmp_path, "algo=grpo", "algo.kl_coef=0")
+    assert grpo.critic is None and grpo.reference is None
+    ppo = build(tmp_path, "algo=ppo")
+    assert ppo.critic is not None and ppo.reference is not None
+    assert ppo.algo.needs_values and not grpo.algo.needs_values
+
+
+def test_the_critic_starts_from_the_policy_weights_with_a_zero_head(tmp_path):
+    stages = build(tmp_path, "algo=ppo")
+    policy_embed = stages.policy.unwrapped().get_input_embeddings().weight
+    critic = stages.critic.unwrapped()
+    assert torch.equal(critic.backbone.get_input_embeddings().weight, policy_embed)
+    assert critic.backbone.get_input_embeddings().weight.data_ptr() != policy_embed.data_ptr()  # a copy, not shared
+    assert critic.head.weight.abs().sum() == 0
+
+
+@pytest.mark.parametrize("algo", sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml")))
+def test_every_algorithm_trains_two_steps_on_the_tiny_model(tmp_path, algo):
+    stages = build(tmp_path, f"algo={algo}", "reward.terms=[{name: format, pattern: ing}]")
+    state = TrainState(step=0, kl_coef=stages.algo.kl_coef)
+    for _ in range(2):
+        state.step += 1
+        metrics = train_step(stages, state)
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["optim/updates"] >= 1
+    if stages.critic is not None:
+        assert {"loss/value", "value/explained_variance", "value/mean", "returns/mean"} <= set(metrics)
+
+
+def test_critic_warmup_trains_only_the_critic(tmp_path):
+    stages = build(tmp_path, "algo=ppo", "critic.warmup_steps=1", "reward.terms=[{name: format, pattern: ing}]")
+    before = [p.detach().clone() for p in stages.policy.model.parameters()]
+    metrics = train_step(stages, TrainState(step=1, kl_coef=stages.algo.kl_coef))
+    assert metrics["optim/updates"] == 0 and "critic/grad_norm" in metrics
+    assert all(torch.equal(a, b) for a, b in zip(before, stages.policy.model.parameters()))
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(tmp_path):
+    stages = build(tmp_path, "algo=dapo", "algo.overlong_buffer=0", "reward.terms=[{name: format, pattern: ing}]")
+    metrics = train_step(stages, TrainState(step=1))
+    assert metrics["sampling/prompts_sampled"] >= 2
+    assert metrics["advantages/std"] > 0  # every kept group has rewards that differ
