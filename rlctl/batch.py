@@ -61,14 +61,22 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     widths, group ids renumbered so groups stay distinct. Only rollout and reward fields are kept."""
     prompt_width = max(b.input_ids.shape[1] - b.response_length for b in batches)
     response_width = max(b.response_length for b in batches)
-    parts: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct")}
+    parts: dict[str, list] = {
+        k: [] for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct")
+    }
     offset = 0
     for b in batches:
         split = b.input_ids.shape[1] - b.response_length
         left, right = prompt_width - split, response_width - b.response_length
         pad = torch.nn.functional.pad
         parts["input_ids"].append(
-            torch.cat([pad(b.input_ids[:, :split], (left, 0), value=pad_id), pad(b.input_ids[:, split:], (0, right), value=pad_id)], 1)
+            torch.cat(
+                [
+                    pad(b.input_ids[:, :split], (left, 0), value=pad_id),
+                    pad(b.input_ids[:, split:], (0, right), value=pad_id),
+                ],
+                1,
+            )
         )
         parts["attention_mask"].append(
             torch.cat([pad(b.attention_mask[:, :split], (left, 0)), pad(b.attention_mask[:, split:], (0, right))], 1)

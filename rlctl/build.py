@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlctl import models
 from rlctl.algos import Algorithm
+from rlctl.checkpoint import resolve_resume
 from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
 from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import SourceSpec
@@ -49,8 +50,12 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
 
 
 def build_rewards(cfg: DictConfig) -> WeightedRewards:
-    terms = [Term(t.name, t.weight, {"pattern": t.pattern} if t.pattern is not None else {}) for t in cfg.reward.terms]
-    return WeightedRewards(terms, cfg.reward.accuracy_term)
+    r = cfg.reward
+    if r.fn:
+        terms = [Term(r.fn, 1.0, {})]
+    else:
+        terms = [Term(t.name, t.weight, {"pattern": t.pattern} if t.pattern is not None else {}) for t in r.terms]
+    return WeightedRewards(terms, r.accuracy_term, r.timeout_s, r.fallback, r.on_error)
 
 
 def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
@@ -85,17 +90,39 @@ def build_evaluator(cfg: DictConfig, held_out: PromptSet, tokenizer, rewards, au
     return Evaluator(held_out, rollout, rewards, cfg.eval.n_samples, list(cfg.eval.pass_k))
 
 
-def load_model_and_tokenizer(cfg: DictConfig):
+def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None):
+    """The policy (from ``weights_from`` when resuming, else model.path) and its tokenizer."""
     m = cfg.model
     tokenizer = models.load_tokenizer(m.path, m.trust_remote_code)
-    model = models.load_causal_lm(m.path, tokenizer, m.dtype, m.trust_remote_code, seed=cfg.engine.seed)
+    model = models.load_causal_lm(weights_from or m.path, tokenizer, m.dtype, m.trust_remote_code, seed=cfg.engine.seed)
     return model, tokenizer
 
 
-def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
+def check_resumable(checkpoint: Path, cfg: DictConfig, needs_critic: bool) -> None:
+    """A checkpoint resumes only the run it came from: same starting model, critic iff the algorithm has one."""
+    import json
+
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    if saved["model_path"] != cfg.model.path:
+        raise RlctlError(
+            f"resume: {checkpoint} was trained from model.path={saved['model_path']!r}, "
+            f"but this run has model.path={cfg.model.path!r}; pass the same model or resume=never"
+        )
+    if saved["has_critic"] != needs_critic:
+        raise RlctlError(
+            f"resume: {checkpoint} {'has' if saved['has_critic'] else 'has no'} critic but algo={cfg.algo.name} "
+            f"{'needs' if needs_critic else 'does not use'} one; resume with the algorithm it was trained with"
+        )
+
+
+def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl train resume=RUN_DIR") -> Stages:
     """Everything the loop needs, in the order a failure is cheapest: config checks, data, then models."""
     seed_everything(cfg.engine.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
     algo = build_algorithm(cfg)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:
+        check_resumable(resume_from, cfg, algo.needs_values)
     rewards = build_rewards(cfg)
     batch_size = cfg.prompts_per_step * algo.group_size
     minibatch = cfg.optim.minibatch_size or batch_size
@@ -108,7 +135,7 @@ def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
             f"optim.minibatch_size: {minibatch} does not divide the step's batch of "
             f"prompts_per_step × algo.group_size = {cfg.prompts_per_step} × {algo.group_size} = {batch_size}"
         )
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, str(resume_from / "policy") if resume_from else None)
     train_prompts, held_out = build_prompts(cfg, tokenizer)
     if len(train_prompts) == 0:
         raise RlctlError(
@@ -116,27 +143,29 @@ def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
         )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    updates = cfg.steps * cfg.algo.num_iterations * (batch_size // minibatch)
     o = cfg.optim
+    updates = cfg.steps * cfg.algo.num_iterations * (batch_size // minibatch)
+
+    def optim_spec(lr: float, max_grad_norm: float) -> OptimSpec:
+        """Policy and critic share the optimiser settings but their learning rate and clipping."""
+        return OptimSpec(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, schedule=o.schedule,
+                         warmup_steps=o.warmup_steps, max_grad_norm=max_grad_norm, total_updates=updates)  # fmt: skip
+
     accelerator = make_accelerator(cfg.engine.precision)
-    policy = Engine(
-        accelerator, model,
-        OptimSpec(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, schedule=o.schedule,
-                  warmup_steps=o.warmup_steps, max_grad_norm=o.max_grad_norm, total_updates=updates),
-    )  # fmt: skip
+    policy = Engine(accelerator, model, optim_spec(o.lr, o.max_grad_norm))
     critic = None
     if algo.needs_values:
         c = cfg.critic
         critic_model = models.load_value_model(
-            c.path or cfg.model.path, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed
+            str(resume_from / "critic") if resume_from else c.path or cfg.model.path,
+            tokenizer,
+            cfg.model.dtype,
+            cfg.model.trust_remote_code,
+            seed=cfg.engine.seed,
         )
         if cfg.model.gradient_checkpointing:
             critic_model.gradient_checkpointing_enable()
-        critic = Engine(
-            accelerator, critic_model,
-            OptimSpec(lr=c.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, schedule=o.schedule,
-                      warmup_steps=o.warmup_steps, max_grad_norm=c.max_grad_norm, total_updates=updates),
-        )  # fmt: skip
+        critic = Engine(accelerator, critic_model, optim_spec(c.lr, c.max_grad_norm))
     reference = None
     if algo.needs_reference:
         reference = models.load_causal_lm(
@@ -169,9 +198,13 @@ def build_train(cfg: DictConfig, run_dir: Path) -> Stages:
             steps=cfg.steps, prompts_per_step=cfg.prompts_per_step, num_iterations=cfg.algo.num_iterations,
             minibatch_size=minibatch, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.rollout.temperature,
             max_new_tokens=cfg.rollout.max_new_tokens, sampling_retries=cfg.algo.sampling_retries,
-            critic_warmup_steps=cfg.critic.warmup_steps,
+            critic_warmup_steps=cfg.critic.warmup_steps, checkpoint_every=cfg.checkpoint.every,
+            keep_last=cfg.checkpoint.keep_last, max_consecutive_skips=cfg.checkpoint.max_consecutive_skips,
             eval_every=cfg.eval.every, sample_every=cfg.logger.sample_every, samples_shown=cfg.logger.samples_shown,
             save_final=cfg.save_final,
         ),
         run_dir=run_dir,
+        model_path=cfg.model.path,
+        resume_from=resume_from,
+        resume_command=resume_command,
     )  # fmt: skip

@@ -19,6 +19,7 @@ commands:
   eval       score a model or a run's checkpoint on held-out prompts
   generate   sample completions from a model and print them
   recipes    list ready experiments (run one with `rlctl train recipe=NAME`)
+  report     redraw a run's curves.png and print its held-out results: rlctl report RUN_DIR
 
 Each command is a Hydra app: `rlctl train --help` lists the config groups,
 `rlctl train --cfg job` prints the composed config, `rlctl train -m a=1,2` sweeps.
@@ -36,21 +37,30 @@ def fail(message: str) -> None:
 def run_train(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    return train_in(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    return train_in(cfg, run_dir, " ".join(["rlctl train", *kept]))
 
 
-def train_in(cfg, run_dir: Path) -> dict:
-    """Train with a composed config, writing the run folder ``run_dir``."""
+def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
+    """Train with a composed config, writing the run folder ``run_dir``; ``command`` reproduces the run."""
     from omegaconf import OmegaConf
 
     from rlctl.build import build_train
+    from rlctl.report import model_card, plot_run
     from rlctl.trainer import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    stages = build_train(cfg, run_dir)
+    stages = build_train(cfg, run_dir, f"{command} hydra.run.dir={run_dir} resume=auto")
     try:
-        return train(stages)
+        summary = train(stages)
+        final = run_dir / "checkpoints" / "final"
+        if final.is_dir():
+            (final / "README.md").write_text(model_card(run_dir, OmegaConf.to_container(cfg, resolve=True), command))
+        stages.logger.message(f"curves: {plot_run(run_dir)}")
+        return summary
     finally:
         stages.logger.close()
 
@@ -107,6 +117,22 @@ def run_generate(cfg) -> list:
 COMMANDS = {"train": run_train, "eval": run_eval, "generate": run_generate}
 
 
+def report(run_dir: str) -> None:
+    """`rlctl report RUN_DIR`: redraw curves.png and print the held-out results."""
+    from rlctl.errors import RlctlError
+    from rlctl.report import plot_run
+
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        fail(f"report: no such run folder: {folder}")
+    try:
+        print(f"curves: {plot_run(folder)}")
+    except RlctlError as err:
+        fail(str(err))
+    if (folder / "eval.json").exists():
+        print((folder / "eval.json").read_text().strip())
+
+
 def list_recipes() -> list[tuple[str, str]]:
     """(name, one-line description) for each recipes/*.yaml; the description is its first comment line."""
     found = []
@@ -156,6 +182,9 @@ def _quiet_deepspeed_on_cpu() -> None:
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load; our console shows progress
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,7 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     if command == "recipes":
         print_recipes()
         return
+    if command == "report":
+        if len(rest) != 1:
+            fail("usage: rlctl report RUN_DIR")
+        report(rest[0])
+        return
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes']}")
+        fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes', 'report']}")
     sys.argv = [f"rlctl {command}", *rest]  # Hydra parses sys.argv
     _hydra_app(command)()

@@ -93,7 +93,11 @@ class RewardTerm:
 @dataclass
 class RewardConfig:
     terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])  # weighted sum of these
+    fn: str | None = None  # your own reward, "path/to/file.py:function"; replaces `terms` when set
     accuracy_term: int = 0  # index of the term whose score of 1 counts as a correct answer
+    timeout_s: float = 10.0  # a reward call running longer than this scores `fallback` (0 = no limit)
+    fallback: float = 0.0  # score given when a reward function raises or times out
+    on_error: str = "fallback"  # fallback (count it in reward/errors and go on) | stop (end the run)
 
 
 @dataclass
@@ -136,6 +140,13 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 10  # save a resumable checkpoint every N steps, and always at the end (0 = only at the end)
+    keep_last: int = 2  # resumable checkpoints kept; older ones are deleted once a newer one is complete
+    max_consecutive_skips: int = 3  # stop after this many steps in a row whose update was skipped (non-finite)
+
+
+@dataclass
 class LoggerConfig:
     console: bool = True  # rich progress bar and periodic sample tables
     sample_every: int = 10  # steps between sample tables (0 = never)
@@ -157,6 +168,10 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = (
+        "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH (a checkpoint or run folder)
+    )
     steps: int = 24  # training steps (one step = rollout + update)
     prompts_per_step: int = 8  # prompts sampled per step (P); the step trains on P × group_size samples
     save_final: bool = True  # write checkpoints/final (HF format) at the end

@@ -63,14 +63,28 @@ class Engine:
         self.accelerator.backward(loss)
 
     def step(self) -> float:
-        """Clip, step the optimiser and the schedule, clear gradients; returns the pre-clip gradient norm."""
+        """Clip, step the optimiser and the schedule, clear gradients; returns the pre-clip gradient norm.
+
+        A non-finite gradient norm (from a NaN/inf loss or overflow) skips the update entirely: the
+        gradients are dropped and neither the weights, the optimiser moments nor the schedule move.
+        The caller sees the non-finite norm and counts the skip.
+        """
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.spec.max_grad_norm if self.spec.max_grad_norm > 0 else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
+
+    def state_dict(self) -> dict:
+        """Optimiser and schedule state, for exact resume (the weights are saved separately)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     @property
     def lr(self) -> float:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlctl.errors import RlctlError
 
@@ -74,9 +81,15 @@ def _embedded_folder(name: str, tokenizer_only: bool = False) -> str:
 
 
 def resolve(path: str) -> str:
-    """Turn a model path as written in the config into something ``from_pretrained`` accepts."""
+    """Turn a model path as written in the config into something ``from_pretrained`` accepts.
+
+    A run folder stands for its final checkpoint (``RUN/checkpoints/final``).
+    """
     if path.startswith(EMBEDDED_PREFIX):
         return _embedded_folder(path[len(EMBEDDED_PREFIX) :])
+    final = Path(path).expanduser() / "checkpoints" / "final"
+    if (final / "config.json").exists():
+        return str(final)
     return path
 
 
@@ -155,7 +168,9 @@ class ValueModel(torch.nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """input_ids, attention_mask, position_ids [B, L] -> values [B, L] (float32)."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -170,17 +185,33 @@ class ValueModel(torch.nn.Module):
         from safetensors.torch import save_file
 
         self.backbone.save_pretrained(folder, **kwargs)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(folder) / "value_head.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(folder) / "value_head.safetensors")
+        )
 
 
 def load_value_model(
-    path: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
 ) -> ValueModel:
-    """A critic initialised from a causal LM's (or a reward model's) weights: its base model plus a new head."""
-    lm = load_causal_lm(path, tokenizer, dtype, trust_remote_code, seed)
-    backbone = lm.base_model
-    model = ValueModel(backbone, lm.config.hidden_size).to(getattr(torch, dtype))
-    head_file = Path(resolve(path)) / "value_head.safetensors" if not path.startswith(RANDOM_PREFIX) else None
+    """A critic initialised from a checkpoint's transformer body: a causal LM (the policy by default)
+    or a reward model; its LM or score head is dropped and a new scalar head added (or the
+    ``value_head.safetensors`` a saved critic carries)."""
+    if path.startswith(RANDOM_PREFIX):
+        backbone = load_causal_lm(path, tokenizer, dtype, trust_remote_code, seed).base_model
+    else:
+        source = resolve(path)
+        try:
+            backbone = AutoModel.from_pretrained(
+                source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise RlctlError(f"critic.path: cannot load a model body from {path!r}: {_first_line(err)}") from None
+    model = ValueModel(backbone, backbone.config.hidden_size).to(getattr(torch, dtype))
+    head_file = None if path.startswith(RANDOM_PREFIX) else Path(resolve(path)) / "value_head.safetensors"
     if head_file is not None and head_file.exists():
         from safetensors.torch import load_file
 

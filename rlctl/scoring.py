@@ -35,7 +35,9 @@ def response_logprobs(
     return logp, entropy
 
 
-def response_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+def response_values(
+    critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+) -> torch.Tensor:
     """V(s_t) for each response token t, where s_t is the prompt and y_<t: the critic's output at
     the position that predicts y_t (the same positions as the log-probs). [B, L] -> [B, T]."""
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)

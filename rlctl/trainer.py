@@ -4,6 +4,8 @@ optimise. It never asks which algorithm it runs; ``stages.algo`` answers every s
 from __future__ import annotations
 
 import json
+import math
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,9 +15,10 @@ import torch
 
 from rlctl.algos import AdvantageInputs, Algorithm, ops, shaping
 from rlctl.batch import Batch, concat
-from rlctl.checkpoint import save_hf_folder
+from rlctl.checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf_folder
 from rlctl.data import PromptSampler, PromptSet
 from rlctl.engine import Engine
+from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator
 from rlctl.logging import Loggers
 from rlctl.rewards import WeightedRewards
@@ -41,6 +44,9 @@ class Schedule:
     sample_every: int  # steps between sample tables (0 = never)
     samples_shown: int
     save_final: bool
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    max_consecutive_skips: int = 3
 
 
 @dataclass
@@ -58,6 +64,9 @@ class Stages:
     logger: Loggers
     schedule: Schedule
     run_dir: Path
+    model_path: str = ""  # what the policy was initialised from; a checkpoint must match it to resume
+    resume_from: Path | None = None  # a checkpoint whose weights build already loaded
+    resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
 
 
 @dataclass
@@ -66,6 +75,9 @@ class TrainState:
 
     step: int = 0
     kl_coef: float = 0.0
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0
+    eval_before: dict | None = None
 
 
 class Timer:
@@ -106,9 +118,12 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     with timer("update"):
         update_metrics = _optimise(s, batch, state.kl_coef, train_policy=state.step > sched.critic_warmup_steps)
 
-    # 6. Adapt the KL coefficient to the KL just measured (a no-op for a fixed coefficient).
+    # 6. Health and the KL coefficient: count a skipped (non-finite) update; adapt β to the measured KL.
+    skipped = update_metrics.pop("optim/skipped_updates") > 0
+    state.skipped_steps += skipped
+    state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
     kl_coef_used = state.kl_coef
-    if "kl" in update_metrics:
+    if "kl" in update_metrics and not skipped:
         state.kl_coef = algo.next_kl_coef(state.kl_coef, update_metrics["kl"], batch.size)
 
     metrics = {
@@ -117,6 +132,7 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
         **update_metrics,
         "kl_coef": kl_coef_used,
         "lr": s.policy.lr,
+        "health/skipped_steps": float(state.skipped_steps),
         **timer.seconds,
     }
     metrics["time/step_s"] = sum(timer.seconds.values())
@@ -134,6 +150,7 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
     n_kept = n_sampled = 0
     last = None
     term_sums: dict[str, float] = {}
+    errors_before = s.rewards.errors
     for _attempt in range(1 + (sched.sampling_retries if algo.dynamic_sampling else 0)):
         with timer("rollout"):
             picked = s.sampler.next_batch()
@@ -147,13 +164,19 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
         with timer("reward"):
             result = s.rewards(batch.completions, batch.answers)
             lengths = batch.response_mask.sum(dim=1)
-            batch = batch.with_(scores=algo.shape_scores(result.scores, lengths, sched.max_new_tokens), correct=result.correct)
+            batch = batch.with_(
+                scores=algo.shape_scores(result.scores, lengths, sched.max_new_tokens), correct=result.correct
+            )
         n_sampled += len(picked)
         for name, values in result.per_term.items():  # unshaped, over everything sampled
             term_sums[name] = term_sums.get(name, 0.0) + float(values.sum())
         last = batch
         if not algo.dynamic_sampling:
-            return _with_steps(s, batch, result.steps), {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
+            metrics = {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
+            return _with_steps(s, batch, result.steps), {
+                **metrics,
+                "reward/errors": float(s.rewards.errors - errors_before),
+            }
         keep = shaping.groups_with_signal(batch.scores, algo.group_size)
         if keep.any():
             rows = torch.nonzero(keep.repeat_interleave(algo.group_size)).squeeze(1)
@@ -163,6 +186,7 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
             break
     metrics = {"sampling/prompts_sampled": float(n_sampled), "sampling/groups_kept": float(n_kept)}
     metrics.update({f"reward/{k}": v / (n_sampled * algo.group_size) for k, v in term_sums.items()})
+    metrics["reward/errors"] = float(s.rewards.errors - errors_before)
     if not kept:  # every group was uniform: train on the last batch (its advantages are all 0)
         return last, metrics
     batch = concat(kept, s.tokenizer.pad_token_id)
@@ -201,7 +225,9 @@ def _values(s: Stages, critic, batch: Batch) -> torch.Tensor:
     out = []
     for rows in _chunks(s, batch):
         with s.policy.autocast():
-            out.append(response_values(critic, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length))
+            out.append(
+                response_values(critic, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length)
+            )
     return torch.cat(out)
 
 
@@ -215,7 +241,9 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
         for start in range(0, batch.size, sched.minibatch_size):
             minibatch = batch.rows(order[start : start + sched.minibatch_size])
             for micro_start in range(0, minibatch.size, sched.micro_batch_size):
-                micro = minibatch.rows(torch.arange(micro_start, min(micro_start + sched.micro_batch_size, minibatch.size)))
+                micro = minibatch.rows(
+                    torch.arange(micro_start, min(micro_start + sched.micro_batch_size, minibatch.size))
+                )
                 weight = ops.micro_batch_weight(micro.response_mask, minibatch.response_mask, algo.loss_agg)
                 stats: dict[str, torch.Tensor] = {}
                 if train_policy:
@@ -232,8 +260,12 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
                     stats = {"loss/total": loss.detach(), **stats}
                 if s.critic is not None:
                     with s.critic.autocast():
-                        values = response_values(s.critic.model, micro.input_ids, micro.attention_mask, micro.response_length)
-                    critic_loss, critic_stats = algo.critic_loss(values, micro.values, micro.returns, micro.response_mask)
+                        values = response_values(
+                            s.critic.model, micro.input_ids, micro.attention_mask, micro.response_length
+                        )
+                    critic_loss, critic_stats = algo.critic_loss(
+                        values, micro.values, micro.returns, micro.response_mask
+                    )
                     critic_weight = ops.micro_batch_weight(micro.response_mask, minibatch.response_mask, "token-mean")
                     s.critic.backward(critic_loss * critic_weight)
                     stats.update(critic_stats)
@@ -245,9 +277,11 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
             if s.critic is not None:
                 critic_grad_norms.append(s.critic.step())
     metrics = {key: value / max(weight_total, 1e-12) for key, value in sums.items()}
-    metrics["optim/updates"] = float(len(grad_norms))
-    if grad_norms:
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    metrics["optim/updates"] = float(len(finite))
+    metrics["optim/skipped_updates"] = float(len(grad_norms) - len(finite))
+    if finite:
+        metrics["grad_norm"] = sum(finite) / len(finite)
     if critic_grad_norms:
         metrics["critic/grad_norm"] = sum(critic_grad_norms) / len(critic_grad_norms)
     return metrics
@@ -271,14 +305,21 @@ def _batch_metrics(batch: Batch, rewards: WeightedRewards, algo: Algorithm) -> d
         metrics["value/mean"] = float(ops.masked_mean(batch.values, mask))
         metrics["returns/mean"] = float(ops.masked_mean(batch.returns, mask))
         # 1 − Var(R − V) / Var(R): 1 is a perfect critic, ≤ 0 no better than predicting the mean.
-        metrics["value/explained_variance"] = float(1 - residual_var / ops.masked_var(batch.returns, mask).clamp(min=1e-8))
+        metrics["value/explained_variance"] = float(
+            1 - residual_var / ops.masked_var(batch.returns, mask).clamp(min=1e-8)
+        )
     return metrics
 
 
 def _sample_rows(batch: Batch, count: int) -> list[dict]:
     stride = max(1, batch.size // max(1, count))
     return [
-        {"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i], "reward": float(batch.scores[i])}
+        {
+            "prompt": batch.prompts[i],
+            "completion": batch.completions[i],
+            "answer": batch.answers[i],
+            "reward": float(batch.scores[i]),
+        }
         for i in range(0, batch.size, stride)[:count]
     ]
 
@@ -297,26 +338,127 @@ def evaluate_and_log(s: Stages, step: int, label: str) -> dict[str, float]:
     return results
 
 
+class StopRequest:
+    """SIGTERM or Ctrl-C ask the loop to stop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some launchers): no graceful stop
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _models_to_save(s: Stages) -> dict:
+    models = {"policy": s.policy.unwrapped()}
+    if s.critic is not None:
+        models["critic"] = s.critic.unwrapped()
+    return models
+
+
+def save_resumable(s: Stages, state: TrainState) -> Path:
+    engines = {"policy": s.policy.state_dict()}
+    if s.critic is not None:
+        engines["critic"] = s.critic.state_dict()
+    trainer_state = {
+        "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
+        "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+        "sampler": s.sampler.state_dict(), "model_path": s.model_path, "has_critic": s.critic is not None,
+    }  # fmt: skip
+    return save_checkpoint(
+        s.run_dir / "checkpoints",
+        state.step,
+        _models_to_save(s),
+        s.tokenizer,
+        Snapshot(trainer_state, engines),
+        s.schedule.keep_last,
+    )
+
+
+def restore(s: Stages, folder: Path) -> TrainState:
+    """Optimiser, schedule, sampler, RNG and loop state from a checkpoint (build loaded its weights)."""
+    saved, engines = load_checkpoint(folder)
+    s.policy.load_state_dict(engines["policy"])
+    if s.critic is not None:
+        s.critic.load_state_dict(engines["critic"])
+    s.sampler.load_state_dict(saved["sampler"])
+    return TrainState(
+        step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
+        consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
+    )  # fmt: skip
+
+
 def train(s: Stages) -> dict:
-    """Evaluate, run every step, evaluate again, save; returns {"before", "after", "final_metrics"}."""
-    summary: dict = {}
+    """Evaluate, run the steps (checkpointing, stopping cleanly on SIGTERM/Ctrl-C), evaluate, save.
+
+    Returns {"before", "after", "final_metrics", "wall_s", "stopped_by"}.
+    """
+    summary: dict = {"stopped_by": None}
     started = time.perf_counter()
-    state = TrainState(step=0, kl_coef=s.algo.kl_coef)
-    if s.evaluator is not None:
-        summary["before"] = evaluate_and_log(s, 0, "before training")
+    if s.resume_from is not None:
+        state = restore(s, s.resume_from)
+        s.logger.message(f"resumed from {s.resume_from} at step {state.step}")
+    else:
+        state = TrainState(step=0, kl_coef=s.algo.kl_coef)
+        if s.evaluator is not None:
+            state.eval_before = evaluate_and_log(s, 0, "before training")
     metrics: dict[str, float] = {}
-    while state.step < s.schedule.steps:
-        state.step += 1
-        metrics = {"step": state.step, **train_step(s, state)}
-        s.logger.metrics(metrics, state.step)
-        if s.schedule.eval_every and state.step % s.schedule.eval_every == 0 and state.step != s.schedule.steps:
-            evaluate_and_log(s, state.step, f"at step {state.step}")
-    if s.evaluator is not None:
-        summary["after"] = evaluate_and_log(s, s.schedule.steps, "after training")
-        (s.run_dir / "eval.json").write_text(json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n")
-    if s.schedule.save_final:
-        final = save_hf_folder(s.policy.unwrapped(), s.tokenizer, s.run_dir / "checkpoints" / "final")
-        s.logger.message(f"saved the trained model to {final}")
+    sched = s.schedule
+    with StopRequest() as stop:
+        while state.step < sched.steps:
+            state.step += 1
+            metrics = {"step": state.step, **train_step(s, state)}
+            s.logger.metrics(metrics, state.step)
+            if state.consecutive_skips:
+                s.logger.message(
+                    f"[yellow]step {state.step}: the loss or gradient was not finite; the update was skipped "
+                    f"({state.consecutive_skips} in a row, {state.skipped_steps} in all)"
+                )
+            if state.consecutive_skips >= sched.max_consecutive_skips:
+                last = latest_checkpoint(s.run_dir)
+                raise RlctlError(
+                    f"stopping: {state.consecutive_skips} steps in a row had a non-finite loss or gradient "
+                    f"(checkpoint.max_consecutive_skips={sched.max_consecutive_skips}); the last good checkpoint is "
+                    f"{last if last is not None else 'none (no checkpoint was saved yet)'}"
+                )
+            if sched.eval_every and state.step % sched.eval_every == 0 and state.step != sched.steps:
+                evaluate_and_log(s, state.step, f"at step {state.step}")
+            if stop.signal_name is not None:
+                path = save_resumable(s, state)
+                summary["stopped_by"] = stop.signal_name
+                s.logger.message(
+                    f"[bold yellow]{stop.signal_name}: stopped after step {state.step} and saved {path}.[/]\n"
+                    f"Resume with: {s.resume_command}"
+                )
+                break
+            if sched.checkpoint_every and state.step % sched.checkpoint_every == 0 and state.step != sched.steps:
+                save_resumable(s, state)
+        else:
+            save_resumable(s, state)  # the end is always resumable (e.g. to train for more steps)
+    summary["before"] = state.eval_before
+    if summary["stopped_by"] is None:
+        if s.evaluator is not None:
+            summary["after"] = evaluate_and_log(s, state.step, "after training")
+            (s.run_dir / "eval.json").write_text(
+                json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n"
+            )
+        if sched.save_final:
+            final = save_hf_folder(s.policy.unwrapped(), s.tokenizer, s.run_dir / "checkpoints" / "final")
+            s.logger.message(f"saved the trained model to {final}")
     summary["final_metrics"] = metrics
     summary["wall_s"] = time.perf_counter() - started
     s.logger.message(f"done in {summary['wall_s']:.0f}s; run folder: {s.run_dir}")

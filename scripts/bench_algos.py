@@ -61,18 +61,25 @@ def main(overrides: list[str]) -> None:
     results = {}
     for algo in ALGOS:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", f"algo={algo}", *overrides], capture_output=True, text=True, check=False
+            [sys.executable, __file__, "--child", f"algo={algo}", *overrides],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             sys.exit(f"{algo} failed:\n{out.stderr[-3000:]}")
         results[algo] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"overrides: {' '.join(overrides)}")
-    print(f"{'algo':<6} {'critic':>6} {'reference':>9} {'samples/step':>12} {'peak RSS MB':>12} {'step s':>8} {'first step s':>12}")
+    print(
+        f"{'algo':<6} {'critic':>6} {'reference':>9} {'samples/step':>12} {'peak RSS MB':>12} {'step s':>8} {'first step s':>12}"
+    )
     for algo, r in results.items():
         print(f"{algo:<6} {r['critic']!s:>6} {r['reference']!s:>9} {r['samples_per_step']:>12} "
               f"{r['peak_rss_mb']:>12.0f} {r['step_s']:>8.2f} {r['first_step_s']:>12.2f}")  # fmt: skip
     ppo, grpo = results["ppo"], results["grpo"]
-    print(f"GRPO / PPO: peak memory {grpo['peak_rss_mb'] / ppo['peak_rss_mb']:.2f}, step time {grpo['step_s'] / ppo['step_s']:.2f}")
+    print(
+        f"GRPO / PPO: peak memory {grpo['peak_rss_mb'] / ppo['peak_rss_mb']:.2f}, step time {grpo['step_s'] / ppo['step_s']:.2f}"
+    )
 
 
 if __name__ == "__main__":

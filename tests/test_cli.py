@@ -92,12 +92,26 @@ def test_help_lists_the_config_groups_and_recipes_lists_files():
 
 
 def test_multirun_sweeps_two_values_into_two_folders(tmp_path):
-    rlctl("train", "-m", "recipe=smoke", "steps=1", "optim.lr=1e-5,3e-5", "eval.enabled=false", "save_final=false",
+    result = rlctl("train", "-m", "recipe=smoke", "steps=1", "optim.lr=1e-5,3e-5", "eval.enabled=false", "save_final=false",
           "logger.sample_every=0", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     for job in ("0", "1"):
         assert (tmp_path / job / "metrics.jsonl").exists()
     lrs = [json.loads((tmp_path / j / "metrics.jsonl").read_text().splitlines()[-1])["lr"] for j in ("0", "1")]
     assert lrs == pytest.approx([1e-5, 3e-5])
+    # the sweep ends with a table comparing the jobs
+    assert (
+        f"sweep {tmp_path}" in result.stdout and "optim.lr=1e-05" in result.stdout and "optim.lr=3e-05" in result.stdout
+    )
+
+
+def test_the_run_ends_with_curves_and_a_model_card(smoke_run):
+    run_dir, result = smoke_run
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run_dir / "checkpoints" / "final" / "README.md").read_text()
+    assert "base_model: random:tiny" in card and "| accuracy |" in card
+    assert "rlctl train recipe=smoke" in card  # the command that reproduces the run
+    again = rlctl("report", str(run_dir))
+    assert "curves:" in again.stdout and '"after"' in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -142,7 +156,9 @@ def test_overlong_prompts_are_reported_not_fatal(tmp_path):
     result = rlctl("train", "recipe=smoke", "steps=1", "data=jsonl", f"data.path={data}", "data.eval_path=" + str(data),
                    "data.max_prompt_tokens=100", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     assert "1 training prompts skipped" in result.stdout
-    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["data/prompts_skipped"] == 1  # the held-out set is the first 4 rows
+    assert (
+        json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["data/prompts_skipped"] == 1
+    )  # the held-out set is the first 4 rows
 
 
 def test_wandb_logger_works_offline(tmp_path):

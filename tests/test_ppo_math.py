@@ -49,7 +49,9 @@ def test_adaptive_kl_raises_beta_above_target_and_lowers_it_below():
 
 def test_algorithm_keeps_a_fixed_beta_without_a_target():
     assert Algorithm(kl_coef=0.05).next_kl_coef(0.05, 10.0, 64) == 0.05
-    assert Algorithm(kl_coef=0.05, kl_target=0.01, kl_horizon=640).next_kl_coef(0.05, 10.0, 64) == pytest.approx(0.05 * 1.02)
+    assert Algorithm(kl_coef=0.05, kl_target=0.01, kl_horizon=640).next_kl_coef(0.05, 10.0, 64) == pytest.approx(
+        0.05 * 1.02
+    )
 
 
 # --- per-token rewards and process rewards ------------------------------------------------------------
@@ -164,7 +166,9 @@ def test_dual_clip_bounds_the_loss_for_negative_advantages():
     loss.backward()
     assert logp.grad.item() == 0.0 and stats["clip_frac"].item() == 1.0
     # Positive advantages are untouched by the dual clip: ρ = 7.39, A = 1 -> −min(7.39, 1.2) = −1.2.
-    loss, _ = losses.ppo_clip(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), dual_clip=3.0)
+    loss, _ = losses.ppo_clip(
+        torch.tensor([[2.0]]), torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), dual_clip=3.0
+    )
     assert loss.item() == pytest.approx(-1.2)
 
 

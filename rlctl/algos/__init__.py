@@ -6,8 +6,8 @@ placement it uses is data, never a branch on an algorithm's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -23,7 +23,9 @@ class AdvantageInputs:
     scores: torch.Tensor  # [B] sequence scores
     mask: torch.Tensor  # [B, T]
     group_size: int
-    token_rewards: torch.Tensor | None = None  # [B, T] score on the last token (or step rewards) − β·KL if in the reward
+    token_rewards: torch.Tensor | None = (
+        None  # [B, T] score on the last token (or step rewards) − β·KL if in the reward
+    )
     values: torch.Tensor | None = None  # [B, T] critic values, for estimators that need them
 
 
@@ -32,7 +34,7 @@ Advantages = tuple[torch.Tensor, torch.Tensor | None]  # (advantages [B] or [B, 
 
 @dataclass(frozen=True)
 class Estimator:
-    fn: Callable[[AdvantageInputs, "Algorithm"], Advantages]
+    fn: Callable[[AdvantageInputs, Algorithm], Advantages]
     needs_values: bool  # a critic exists iff this is true
     min_group_size: int  # 2 for estimators with a group baseline
 
@@ -127,7 +129,9 @@ class Algorithm:
 
     def shape_scores(self, scores: torch.Tensor, response_lengths: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Scores after the overlong penalty (a no-op unless overlong_buffer > 0). [B] -> [B]."""
-        return scores + shaping.overlong_penalty(response_lengths, max_new_tokens, self.overlong_buffer, self.overlong_penalty)
+        return scores + shaping.overlong_penalty(
+            response_lengths, max_new_tokens, self.overlong_buffer, self.overlong_penalty
+        )
 
     def token_rewards(
         self,
@@ -190,7 +194,9 @@ class Algorithm:
         self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """vf_coef · value_loss(V, V_old, R); values, old_values, returns, mask [B, T]."""
-        loss, stats = VALUE_LOSSES.get(self.value_loss)(values, old_values, returns, mask, self.value_clip, "token-mean")
+        loss, stats = VALUE_LOSSES.get(self.value_loss)(
+            values, old_values, returns, mask, self.value_clip, "token-mean"
+        )
         return self.vf_coef * loss, {"loss/value": loss.detach(), **stats}
 
 

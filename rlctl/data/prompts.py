@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from rlctl.data.sources import Example
 from rlctl.errors import RlctlError
 
+_MAX_CHARS_PER_TOKEN = 256  # more characters than any tokenizer packs into one token
+
 
 @dataclass(frozen=True)
 class PromptFormat:
@@ -56,6 +58,9 @@ def encode_prompts(examples: list[Example], fmt: PromptFormat, tokenizer) -> Pro
     kept, ids, skipped, truncated = [], [], 0, 0
     for example in examples:
         text, has_special = render(example, fmt, tokenizer)
+        if fmt.overlong == "skip" and len(text) > fmt.max_tokens * _MAX_CHARS_PER_TOKEN:
+            skipped += 1  # certainly too long: don't spend seconds tokenising a huge field
+            continue
         tokens = tokenizer(text, add_special_tokens=not has_special)["input_ids"]
         if len(tokens) > fmt.max_tokens:
             if fmt.overlong == "skip":

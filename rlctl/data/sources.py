@@ -176,6 +176,10 @@ def rows_to_examples(rows: list[tuple[str, dict[str, Any]]], spec: SourceSpec) -
             )
         if isinstance(prompt, list) and not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt):
             raise RlctlError(f"data: row {origin}: chat messages need 'role' and 'content' in every message")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+            raise RlctlError(
+                f"data: row {origin}: field {spec.answer_field!r} must be a non-empty string or number, got {answer!r}"
+            )
         answer = str(answer)
         if spec.answer_format == "gsm8k":
             answer = gsm8k_final_answer(answer)

@@ -8,10 +8,15 @@ for a right answer and 0.0 otherwise, so the mean of its score is the accuracy.
 
 from __future__ import annotations
 
+import concurrent.futures
+import importlib.util
+import inspect
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import torch
 
@@ -65,10 +70,12 @@ def math_verify(completion: str, answer: str) -> float:
     """1 if math-verify finds the completion's final answer equivalent to the reference (LaTeX or plain)."""
     from math_verify import parse, verify  # imported here: sympy takes a second to load
 
-    gold, predicted = parse(answer), parse(completion)
+    # math-verify's own time limits use signal.alarm, which works only in the main thread; rlctl runs
+    # reward calls in a worker thread with its own limit (reward.timeout_s), so they are turned off.
+    gold, predicted = parse(answer, parsing_timeout=None), parse(completion, parsing_timeout=None)
     if not gold or not predicted:
         return 0.0
-    return float(verify(gold, predicted))
+    return float(verify(gold, predicted, timeout_seconds=None))
 
 
 @rule("format")
@@ -77,6 +84,43 @@ def format_match(completion: str, answer: str, pattern: str | None = None) -> fl
     if not pattern:
         raise RlctlError("reward.terms: the 'format' reward needs a pattern (e.g. {name: format, pattern: '####'})")
     return float(re.search(pattern, completion, flags=re.DOTALL) is not None)
+
+
+def load_user_reward(spec: str) -> Callable[..., float]:
+    """A reward function from a file: ``"path/to/my_reward.py:score"``, where ``score(completion, answer)``
+    returns a float (or step rewards, see the module docstring)."""
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name:
+        raise RlctlError(f"reward.fn: expected 'path/to/file.py:function', got {spec!r}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RlctlError(f"reward.fn: file not found: {file}")
+    module_spec = importlib.util.spec_from_file_location(f"rlctl_user_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the user's module may raise anything while importing
+        raise RlctlError(f"reward.fn: importing {file} failed: {type(err).__name__}: {err}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise RlctlError(f"reward.fn: {file} defines no function {name!r} (it defines: {defined})")
+    try:
+        inspect.signature(fn).bind("completion", "answer")
+    except TypeError:
+        raise RlctlError(
+            f"reward.fn: {name}{inspect.signature(fn)} in {file} must accept two arguments, (completion, answer)"
+        ) from None
+    return fn
+
+
+def resolve_rule(name: str) -> Callable[..., float]:
+    """A registered rule by name, or a user function when the name is "file.py:function"."""
+    if ".py:" in name:
+        return load_user_reward(name)
+    if name not in RULES:
+        raise RlctlError(f"reward.terms: unknown reward {name!r}; known: {sorted(RULES)} or 'path/to/file.py:function'")
+    return RULES[name]
 
 
 StepRewards = list[tuple[int, float]]  # (character offset in the completion, reward)
@@ -97,29 +141,72 @@ class Term:
     params: dict
 
 
-class WeightedRewards:
-    """score = Σ_k w_k · rule_k(completion, answer); accuracy from one designated term."""
+class RewardFailure(RlctlError):
+    """A reward function raised or ran out of time and reward.on_error is "stop"."""
 
-    def __init__(self, terms: list[Term], accuracy_term: int = 0):
+
+class WeightedRewards:
+    """score = Σ_k w_k · rule_k(completion, answer); accuracy from one designated term.
+
+    Each call runs in a worker thread with a time limit; a call that raises, times out or returns
+    something that is not a finite number scores ``fallback`` and is counted in ``errors`` (or, with
+    ``on_error="stop"``, raises :class:`RewardFailure`). A timed-out call is abandoned, not killed.
+    """
+
+    def __init__(
+        self,
+        terms: list[Term],
+        accuracy_term: int = 0,
+        timeout_s: float = 10.0,
+        fallback: float = 0.0,
+        on_error: str = "fallback",
+    ):
         if not terms:
             raise RlctlError("reward.terms: at least one reward term is needed")
-        for term in terms:
-            if term.name not in RULES:
-                raise RlctlError(f"reward.terms: unknown reward {term.name!r}; known: {sorted(RULES)}")
         if not 0 <= accuracy_term < len(terms):
             raise RlctlError(f"reward.accuracy_term: {accuracy_term} is not an index of the {len(terms)} terms")
+        if on_error not in ("fallback", "stop"):
+            raise RlctlError(f"reward.on_error: must be 'fallback' or 'stop', got {on_error!r}")
         self.terms, self.accuracy_term = terms, accuracy_term
+        self.functions = [resolve_rule(term.name) for term in terms]
+        self.timeout_s, self.fallback, self.on_error = timeout_s, fallback, on_error
+        self.errors = 0  # calls that failed since construction
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _call(self, fn, term: Term, completion: str, answer: str):
+        try:
+            if self.timeout_s > 0:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+                value = self._pool.submit(fn, completion, answer, **term.params).result(timeout=self.timeout_s)
+            else:
+                value = fn(completion, answer, **term.params)
+            if not isinstance(value, (list, tuple)) and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise TypeError(f"returned {value!r}, not a finite number or a list of step rewards")
+            return value
+        except RlctlError:
+            raise
+        except Exception as err:  # the reward is user code: any failure becomes the fallback score
+            if isinstance(err, concurrent.futures.TimeoutError):
+                self._pool.shutdown(wait=False)  # the stuck call keeps its thread; later calls get a new one
+                self._pool = None
+                err = TimeoutError(f"took longer than reward.timeout_s={self.timeout_s}s")
+            self.errors += 1
+            if self.on_error == "stop":
+                raise RewardFailure(
+                    f"reward {term.name!r} failed on completion {completion[:80]!r}: {type(err).__name__}: {err}"
+                ) from None
+            return self.fallback
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardResult:
         per_term: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions))
         steps: list[StepRewards] = [[] for _ in completions]
         any_steps = False
-        for index, term in enumerate(self.terms):
-            fn = RULES[term.name]
+        for index, (term, fn) in enumerate(zip(self.terms, self.functions)):
             values = []
             for row, (completion, answer) in enumerate(zip(completions, answers)):
-                value = fn(completion, answer, **term.params)
+                value = self._call(fn, term, completion, answer)
                 if isinstance(value, (list, tuple)):  # step rewards
                     any_steps = True
                     steps[row] += [(int(offset), term.weight * float(r)) for offset, r in value]

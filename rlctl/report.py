@@ -1,0 +1,135 @@
+"""Reporting: curves of a run as a PNG, a model card for the final checkpoint, a sweep's closing table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rlctl.errors import RlctlError
+
+CURVES = (("reward/mean", "reward"), ("accuracy", "accuracy (train samples)"), ("kl", "KL to reference"),
+          ("response_len/mean", "response length (tokens)"))  # fmt: skip
+SWEEP_COLUMNS = ("reward/mean", "accuracy", "kl", "response_len/mean")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Per-step rows of metrics.jsonl (the last row wins when a resumed run repeated a step)."""
+    file = Path(run_dir) / "metrics.jsonl"
+    if not file.exists():
+        raise RlctlError(f"report: no metrics.jsonl in {run_dir}")
+    by_step: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for line in file.read_text().splitlines():
+        row = json.loads(line)
+        if "reward/mean" in row:
+            by_step[row["step"]] = row
+        elif "eval/accuracy" in row:
+            evals[row["step"]] = row
+    rows = [by_step[k] for k in sorted(by_step)]
+    for row in rows:
+        row.update({k: v for k, v in evals.get(row["step"], {}).items() if k.startswith("eval/")})
+    return rows
+
+
+def plot_run(run_dir: Path) -> Path:
+    """Write ``RUN/curves.png``: reward, accuracy (train and held-out), KL and response length by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise RlctlError(f"report: {run_dir}/metrics.jsonl holds no training steps yet")
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    eval_file = Path(run_dir) / "eval.json"
+    if eval_file.exists():
+        both = json.loads(eval_file.read_text())
+        if both.get("before"):
+            evals.insert(0, (0, both["before"]["accuracy"]))
+        if both.get("after"):
+            evals.append((rows[-1]["step"], both["after"]["accuracy"]))
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker=".", label="training batch")
+        if key == "accuracy" and evals:
+            ax.plot(*zip(*sorted(set(evals))), marker="o", label="held-out (greedy)")
+            ax.legend()
+        if not points and key == "kl":
+            ax.text(0.5, 0.5, "no reference model (β = 0)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    figure.suptitle(Path(run_dir).name)
+    figure.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
+    """README.md text for the final checkpoint: base model, algorithm, data, results, how to reproduce."""
+    rows = read_metrics(run_dir)
+    eval_file = Path(run_dir) / "eval.json"
+    evaluation = json.loads(eval_file.read_text()) if eval_file.exists() else {}
+    last = rows[-1] if rows else {}
+    lines = [
+        "---", "library_name: transformers", "tags: [rlctl, reinforcement-learning]",
+        f"base_model: {config['model']['path']}", "---", "",
+        f"# {config['model']['name']} trained with {config['algo']['name']} by rlctl", "",
+        f"- base model: `{config['model']['path']}`",
+        f"- algorithm: `{config['algo']['name']}` (advantage `{config['algo']['advantage']}`, loss "
+        f"`{config['algo']['policy_loss']}`, KL β {config['algo']['kl_coef']})",
+        f"- data: `{config['data']['source']}`" + (f" from `{config['data']['path']}`" if config["data"].get("path") else ""),
+        f"- reward: {', '.join(t['name'] for t in config['reward']['terms']) if not config['reward'].get('fn') else config['reward']['fn']}",
+        f"- steps: {last.get('step', 0)} × {config['prompts_per_step']} prompts × {config['algo']['group_size']} completions",
+        "", "## Results", "",
+    ]  # fmt: skip
+    if evaluation.get("before") and evaluation.get("after"):
+        lines += ["| held-out | before | after |", "|---|---|---|"]
+        for key in ("accuracy", "reward_mean"):
+            lines.append(f"| {key} | {evaluation['before'][key]:.3f} | {evaluation['after'][key]:.3f} |")
+    if last:
+        lines += ["", "Last training step: " + ", ".join(f"{k} {last[k]:.4g}" for k in SWEEP_COLUMNS if k in last)]
+    lines += ["", "## Reproduce", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
+    """A table of every job under a multirun folder: its overrides, final metrics, held-out accuracy."""
+    table = Table(title=f"sweep {sweep_dir}")
+    table.add_column("job")
+    table.add_column("overrides")
+    for column in (*SWEEP_COLUMNS, "eval before", "eval after"):
+        table.add_column(column, justify="right")
+    jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    overrides_of = {}
+    for job in jobs:
+        file = job / ".hydra" / "overrides.yaml"
+        overrides_of[job] = (
+            [line.lstrip("- ").strip() for line in file.read_text().splitlines()] if file.exists() else []
+        )
+    shared = set.intersection(*(set(o) for o in overrides_of.values())) if len(jobs) > 1 else set()
+    if shared:
+        table.caption = "every job: " + " ".join(o for o in next(iter(overrides_of.values())) if o in shared)
+    for job in jobs:
+        overrides = " ".join(o for o in overrides_of[job] if o not in shared)
+        try:
+            last = read_metrics(job)[-1]
+        except (RlctlError, IndexError):
+            table.add_row(job.name, overrides, *["failed"] + [""] * (len(SWEEP_COLUMNS) + 1))
+            continue
+        evaluation = json.loads((job / "eval.json").read_text()) if (job / "eval.json").exists() else {}
+        cells = [f"{last[k]:.4g}" if k in last else "-" for k in SWEEP_COLUMNS]
+        cells += [f"{evaluation[k]['accuracy']:.3f}" if evaluation.get(k) else "-" for k in ("before", "after")]
+        table.add_row(job.name, overrides, *cells)
+    (console or Console()).print(table)
+    return table
