@@ -62,7 +62,8 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     prompt_width = max(b.input_ids.shape[1] - b.response_length for b in batches)
     response_width = max(b.response_length for b in batches)
     parts: dict[str, list] = {
-        k: [] for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct")
+        k: []
+        for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct", "step_rewards")
     }
     offset = 0
     for b in batches:
@@ -82,6 +83,7 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
             torch.cat([pad(b.attention_mask[:, :split], (left, 0)), pad(b.attention_mask[:, split:], (0, right))], 1)
         )
         parts["response_mask"].append(pad(b.response_mask, (0, right)))
+        parts["step_rewards"].append(None if b.step_rewards is None else pad(b.step_rewards, (0, right)))
         parts["group_ids"].append(b.group_ids - b.group_ids.min() + offset)
         offset = int(parts["group_ids"][-1].max()) + 1
         parts["scores"].append(b.scores)

@@ -87,9 +87,12 @@ def resolve(path: str) -> str:
     """
     if path.startswith(EMBEDDED_PREFIX):
         return _embedded_folder(path[len(EMBEDDED_PREFIX) :])
-    final = Path(path).expanduser() / "checkpoints" / "final"
+    local = Path(path).expanduser()
+    final = local / "checkpoints" / "final"
     if (final / "config.json").exists():
         return str(final)
+    if path.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise RlctlError(f"model.path: no such folder: {local}")
     return path
 
 

@@ -170,13 +170,10 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
         n_sampled += len(picked)
         for name, values in result.per_term.items():  # unshaped, over everything sampled
             term_sums[name] = term_sums.get(name, 0.0) + float(values.sum())
-        last = batch
+        batch = last = _with_steps(s, batch, result.steps)
         if not algo.dynamic_sampling:
             metrics = {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
-            return _with_steps(s, batch, result.steps), {
-                **metrics,
-                "reward/errors": float(s.rewards.errors - errors_before),
-            }
+            return batch, {**metrics, "reward/errors": float(s.rewards.errors - errors_before)}
         keep = shaping.groups_with_signal(batch.scores, algo.group_size)
         if keep.any():
             rows = torch.nonzero(keep.repeat_interleave(algo.group_size)).squeeze(1)

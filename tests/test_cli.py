@@ -126,7 +126,7 @@ def test_the_run_ends_with_curves_and_a_model_card(smoke_run):
         (["optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
         (["data=jsonl", "data.path=/nonexistent/train.jsonl"], "file not found: /nonexistent/train.jsonl"),
         (["algo.group_size=1"], "needs group_size ≥ 2"),
-        (["model.path=/nonexistent/model"], "model.path: cannot load a tokenizer from '/nonexistent/model'"),
+        (["model.path=/nonexistent/model"], "model.path: no such folder: /nonexistent/model"),
         (["optim.lr=-1"], "optim.lr: must be a positive number"),
         (["optim.minibatch_size=3"], "optim.minibatch_size: 3 does not divide"),
     ],
