@@ -15,7 +15,8 @@ from rlctl.checkpoint import resolve_resume
 from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
 from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import SourceSpec
-from rlctl.engine import Engine, OptimSpec, make_accelerator
+from rlctl.distributed import init_process_group, launched_ranks
+from rlctl.engine import DeepSpeedEngine, Engine, OptimSpec, ZeroSpec, frozen_for_inference, make_accelerator
 from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator
 from rlctl.logging import ConsoleSink, JsonlSink, Loggers, WandbSink
@@ -151,8 +152,38 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         return OptimSpec(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, schedule=o.schedule,
                          warmup_steps=o.warmup_steps, max_grad_norm=max_grad_norm, total_updates=updates)  # fmt: skip
 
-    accelerator = make_accelerator(cfg.engine.precision)
-    policy = Engine(accelerator, model, optim_spec(o.lr, o.max_grad_norm))
+    ranks = launched_ranks()
+    zero = None
+    if cfg.deepspeed.enabled:
+        if cfg.engine.precision not in ("no", "bf16", "fp16"):
+            raise RlctlError(f"engine.precision: must be one of no | bf16 | fp16, got {cfg.engine.precision!r}")
+        if minibatch % o.micro_batch_size:
+            raise RlctlError(
+                f"optim.micro_batch_size: {o.micro_batch_size} must divide the minibatch of {minibatch} samples under DeepSpeed"
+            )
+        init_process_group(ranks, even_alone=True)
+        zero = ZeroSpec(
+            stage=cfg.deepspeed.stage, precision=cfg.engine.precision, micro_batch_size=o.micro_batch_size,
+            accumulation_steps=minibatch // o.micro_batch_size, world_size=ranks.world_size,
+            offload_optimizer=cfg.deepspeed.offload_optimizer, offload_params=cfg.deepspeed.offload_params,
+        )  # fmt: skip
+
+        def make_engine(module, spec):
+            return DeepSpeedEngine(module, spec, zero)
+    else:
+        if ranks.world_size > 1:
+            raise RlctlError(
+                f"deepspeed: this launch has {ranks.world_size} processes; several processes train under DeepSpeed, "
+                "so pick a stage (deepspeed=zero2, zero3, ...)"
+            )
+        accelerator = make_accelerator(cfg.engine.precision)
+
+        def make_engine(module, spec):
+            return Engine(accelerator, module, spec)
+
+    if ranks.world_size > 1:
+        seed_everything(cfg.engine.seed + ranks.rank)  # same weights everywhere, different samples per rank
+    policy = make_engine(model, optim_spec(o.lr, o.max_grad_norm))
     critic = None
     if algo.needs_values:
         c = cfg.critic
@@ -165,18 +196,18 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         )
         if cfg.model.gradient_checkpointing:
             critic_model.gradient_checkpointing_enable()
-        critic = Engine(accelerator, critic_model, optim_spec(c.lr, c.max_grad_norm))
+        critic = make_engine(critic_model, optim_spec(c.lr, c.max_grad_norm))
     reference = None
     if algo.needs_reference:
         reference = models.load_causal_lm(
             cfg.model.path, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed
         )
-        reference.requires_grad_(False).eval()
+        reference = frozen_for_inference(reference, zero)
 
-    sinks = [JsonlSink(run_dir / "metrics.jsonl")]
-    if cfg.logger.console:
+    sinks = [JsonlSink(run_dir / "metrics.jsonl")] if ranks.is_main else []  # one rank writes
+    if cfg.logger.console and ranks.is_main:
         sinks.insert(0, ConsoleSink(cfg.steps))
-    if cfg.logger.wandb:
+    if cfg.logger.wandb and ranks.is_main:
         sinks.append(WandbSink(cfg.logger.wandb_project, cfg.logger.wandb_entity, run_dir, OmegaConf.to_container(cfg)))
     logger = Loggers(sinks)
     for name, prompts in (("training", train_prompts), ("held-out", held_out)):
@@ -192,7 +223,8 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     rollout = BACKENDS[cfg.rollout.backend](tokenizer, sampling_params(cfg.rollout), policy.autocast)
     return Stages(
         tokenizer=tokenizer, policy=policy, critic=critic, reference=reference, rollout=rollout, rewards=rewards, algo=algo,
-        train_prompts=train_prompts, sampler=PromptSampler(len(train_prompts), cfg.prompts_per_step, cfg.data.seed),
+        train_prompts=train_prompts,
+        sampler=PromptSampler(len(train_prompts), cfg.prompts_per_step * ranks.world_size, cfg.data.seed),
         evaluator=build_evaluator(cfg, held_out, tokenizer, rewards, policy.autocast), logger=logger,
         schedule=Schedule(
             steps=cfg.steps, prompts_per_step=cfg.prompts_per_step, num_iterations=cfg.algo.num_iterations,
@@ -204,6 +236,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
             save_final=cfg.save_final,
         ),
         run_dir=run_dir,
+        ranks=ranks,
         model_path=cfg.model.path,
         resume_from=resume_from,
         resume_command=resume_command,

@@ -3,16 +3,16 @@
 Layout of ``RUN/checkpoints/``::
 
     step-000004/            one complete checkpoint
-      policy/               save_pretrained model + tokenizer (safetensors)
-      critic/               the critic, when the algorithm has one
-      engines.pt            optimiser and scheduler state of each trainable model (torch.save, tensors only)
-      rng.pt                torch RNG state; python and numpy states are in trainer_state.json
+      policy/               save_pretrained model + tokenizer (safetensors), and the optimiser and
+                            schedule state (engine.pt, or deepspeed/ with each rank's shard)
+      critic/               the same for the critic, when the algorithm has one
+      rng-<rank>.pt         each rank's python, numpy and torch RNG states
       trainer_state.json    step, KL coefficient, sampler position, health counters, model identity
     latest                  the name of the newest complete checkpoint, written last
     final/                  the trained policy alone, for from_pretrained / rlctl eval
 
-Each checkpoint is written to ``step-N.tmp``, flushed to disk, then renamed; ``latest`` is replaced
-atomically afterwards. A crash at any point leaves the previous checkpoint and marker intact.
+Every rank writes its part into ``step-N.tmp``; then the main rank flushes it to disk and renames
+it, and only then replaces ``latest`` atomically. A crash at any point leaves the previous checkpoint and marker intact.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,62 +52,44 @@ def _replace_atomically(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def save_hf_folder(model, tokenizer, target: Path) -> Path:
-    """Write ``model`` and ``tokenizer`` to ``target`` atomically: a temporary sibling, then a rename."""
-    target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+def publish_folder(tmp: Path, target: Path) -> Path:
+    """Make a fully written folder visible under its final name: flush it, then rename over ``target``."""
     _fsync_tree(tmp)
     _replace_atomically(tmp, target)
     return target
 
 
-def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(JSON-able python and numpy RNG states, torch RNG tensors)."""
+def save_rng(folder: Path, rank: int) -> None:
+    """This rank's python, numpy and torch RNG states (each rank samples differently)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    json_part = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
-    return json_part, {"torch": torch.get_rng_state()}
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}  # fmt: skip
+    torch.save(state, Path(folder) / f"rng-{rank}.pt")
 
 
-def set_rng_state(json_part: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = json_part["python"]
+def load_rng(folder: Path, rank: int) -> None:
+    state = torch.load(Path(folder) / f"rng-{rank}.pt", weights_only=True)
+    version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = json_part["numpy"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
+    torch.set_rng_state(state["torch"])
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything a checkpoint holds besides the weights, as plain values."""
+def begin_checkpoint(checkpoints: Path, step: int, is_main: bool) -> Path:
+    """The temporary folder every rank writes its part of checkpoint ``step`` into."""
+    tmp = checkpoints / f"step-{step:06d}.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
 
-    trainer_state: dict[str, Any]  # step, kl_coef, sampler, health counters, model identity …
-    engines: dict[str, dict[str, Any]]  # name -> {"optimizer": state_dict, "scheduler": state_dict}
 
-
-def save_checkpoint(
-    checkpoints: Path, step: int, models: dict[str, Any], tokenizer, snapshot: Snapshot, keep_last: int
-) -> Path:
-    """Write ``checkpoints/step-N`` atomically, then point ``latest`` at it, then prune old ones."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    tmp = checkpoints / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for model_name, model in models.items():
-        model.save_pretrained(tmp / model_name, safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    torch.save(snapshot.engines, tmp / "engines.pt")
-    rng_json, rng_tensors = rng_state()
-    torch.save(rng_tensors, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**snapshot.trainer_state, "rng": rng_json}))
-    _fsync_tree(tmp)
-    _replace_atomically(tmp, checkpoints / name)
+def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
+    """Main rank, once every rank has written: flush, rename, point ``latest`` at it, prune old ones."""
+    checkpoints, name = tmp.parent, tmp.name.removesuffix(".tmp")
+    publish_folder(tmp, checkpoints / name)
     marker_tmp = checkpoints / f"{LATEST}.tmp"
     marker_tmp.write_text(name + "\n")
     with marker_tmp.open("rb") as handle:
@@ -155,9 +136,5 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return found
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(trainer_state with the RNG states restored, engine states) from a checkpoint folder."""
-    trainer_state = json.loads((folder / "trainer_state.json").read_text())
-    engines = torch.load(folder / "engines.pt", weights_only=True)
-    set_rng_state(trainer_state.pop("rng"), torch.load(folder / "rng.pt", weights_only=True))
-    return trainer_state, engines
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "trainer_state.json").read_text())

@@ -52,14 +52,18 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
     from rlctl.trainer import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     stages = build_train(cfg, run_dir, f"{command} hydra.run.dir={run_dir} resume=auto")
+    if stages.ranks.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     try:
         summary = train(stages)
         final = run_dir / "checkpoints" / "final"
-        if final.is_dir():
-            (final / "README.md").write_text(model_card(run_dir, OmegaConf.to_container(cfg, resolve=True), command))
-        stages.logger.message(f"curves: {plot_run(run_dir)}")
+        if stages.ranks.is_main:
+            if final.is_dir():
+                (final / "README.md").write_text(
+                    model_card(run_dir, OmegaConf.to_container(cfg, resolve=True), command)
+                )
+            stages.logger.message(f"curves: {plot_run(run_dir)}")
         return summary
     finally:
         stages.logger.close()
@@ -187,6 +191,26 @@ def _quiet_deepspeed_on_cpu() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load; our console shows progress
 
 
+def _one_run_folder_for_all_ranks(args: list[str]) -> list[str]:
+    """Under a multi-process launch every rank would resolve ${now:...} itself, possibly a second
+    apart; rank 0 picks the time and every rank uses it, so the run has one folder."""
+    from rlctl.distributed import broadcast_from_main, init_process_group, launched_ranks
+
+    ranks = launched_ranks()
+    if (
+        ranks.world_size == 1
+        or "-m" in args
+        or "--multirun" in args
+        or any(a.startswith("hydra.run.dir=") for a in args)
+    ):
+        return args
+    import time
+
+    init_process_group(ranks)
+    stamp = broadcast_from_main(time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return [*args, f"hydra.run.dir=runs/{stamp}_${{algo.name}}_${{model.name}}_x{ranks.world_size}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -204,5 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes', 'report']}")
+    if command == "train":
+        rest = _one_run_folder_for_all_ranks(rest)
     sys.argv = [f"rlctl {command}", *rest]  # Hydra parses sys.argv
     _hydra_app(command)()

@@ -130,6 +130,14 @@ class EngineConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    enabled: bool = False  # train under DeepSpeed ZeRO (any number of processes; launch several with accelerate launch)
+    stage: int = 2  # ZeRO stage: 0 data parallel, 1 + optimiser state sharded, 2 + gradients, 3 + parameters
+    offload_optimizer: bool = False  # keep optimiser state (and the update) on the CPU
+    offload_params: bool = False  # ZeRO-3: keep parameters on the CPU between uses
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True  # evaluate before training, every `every` steps, and after
     every: int = 0  # steps between evaluations during training (0 = only before and after)
@@ -166,6 +174,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

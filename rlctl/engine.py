@@ -1,10 +1,14 @@
-"""The optimisation engine: the one place that owns a trainable model's optimiser, scheduler,
-mixed precision and (later) DeepSpeed. The trainer only calls backward / step / autocast."""
+"""The optimisation engines: the one place that owns a trainable model's optimiser, scheduler,
+mixed precision and data parallelism. ``Engine`` is plain PyTorch through accelerate (one
+process); ``DeepSpeedEngine`` is DeepSpeed ZeRO 0–3 (one or many processes). Both offer the same
+calls, so the trainer only ever says backward / step / autocast / save."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -92,3 +96,150 @@ class Engine:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def generation_context(self):
+        """Around a whole rollout: nothing to do when every rank holds the full weights."""
+        return contextlib.nullcontext()
+
+    def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
+        """The weights as an HF folder (+ tokenizer), and the optimiser/schedule state for resume."""
+        self.unwrapped().save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if training_state:
+            torch.save(self.state_dict(), Path(folder) / "engine.pt")
+
+    def load_training_state(self, folder: Path) -> None:
+        self.load_state_dict(torch.load(Path(folder) / "engine.pt", weights_only=True))
+
+
+@dataclass(frozen=True)
+class ZeroSpec:
+    """The DeepSpeed settings rlctl derives from the trainer config (never repeated by hand)."""
+
+    stage: int  # ZeRO stage 0 (data parallel), 1 (optimiser state), 2 (+ gradients), 3 (+ parameters)
+    precision: str  # no | bf16 | fp16
+    micro_batch_size: int  # samples per forward/backward on one rank
+    accumulation_steps: int  # micro-batches per optimiser update on one rank
+    world_size: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+def deepspeed_config(spec: OptimSpec, zero: ZeroSpec, trainable: bool = True) -> dict:
+    """The DeepSpeed JSON config for one model. Gradient accumulation is ours (``step()`` is the
+    boundary: ``managed_gradient_accumulation`` off), clipping is ``optim.max_grad_norm``."""
+    stage = {"stage": zero.stage, "overlap_comm": False, "stage3_gather_16bit_weights_on_model_save": True}
+    if zero.offload_optimizer and trainable:
+        stage["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero.offload_params:
+        stage["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": zero.micro_batch_size,
+        "gradient_accumulation_steps": zero.accumulation_steps,
+        "train_batch_size": zero.micro_batch_size * zero.accumulation_steps * zero.world_size,
+        "zero_optimization": stage,
+        "bf16": {"enabled": zero.precision == "bf16"},
+        "fp16": {"enabled": zero.precision == "fp16", "loss_scale": 0},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if trainable:
+        config["managed_gradient_accumulation"] = False
+        if spec.max_grad_norm > 0:
+            config["gradient_clipping"] = spec.max_grad_norm
+    return config
+
+
+class DeepSpeedEngine:
+    """One trainable model under DeepSpeed ZeRO; same calls as :class:`Engine`.
+
+    Mixed precision is DeepSpeed's (16-bit weights for compute, fp32 master copy in the optimiser),
+    so ``autocast`` is a no-op. Under ZeRO-3 the parameters are partitioned across ranks; a rollout
+    gathers them once (``generation_context``) instead of once per generated token.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: OptimSpec, zero: ZeroSpec):
+        import deepspeed
+
+        if spec.lr <= 0 or not math.isfinite(spec.lr):
+            raise RlctlError(f"optim.lr: must be a positive number, got {spec.lr}")
+        self.spec, self.zero = spec, zero
+        params = [p for p in model.parameters() if p.requires_grad]
+        if zero.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, adamw_mode=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
+            )
+        scheduler = get_scheduler(
+            SCHEDULES[spec.schedule],
+            optimizer,
+            num_warmup_steps=spec.warmup_steps,
+            num_training_steps=spec.total_updates,
+        )
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, zero)
+        )
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the trainer already weighs each micro-batch
+
+    def step(self) -> float:
+        """Reduce gradients across ranks, clip, update, step the schedule; the global gradient norm."""
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.model.get_lr()[0]
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
+    def generation_context(self):
+        if self.zero.stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()))
+        return contextlib.nullcontext()
+
+    def full_state_dict(self) -> dict | None:
+        """Every weight, on rank 0 (None elsewhere); under ZeRO-3 gathered from all ranks, so all must call."""
+        if self.zero.stage == 3:
+            return self.model._zero3_consolidated_16bit_state_dict()
+        return self.model.module.state_dict() if self.model.global_rank == 0 else None
+
+    def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
+        """All ranks call: the HF folder from rank 0 (weights gathered under ZeRO-3), and each rank's
+        share of the DeepSpeed optimiser state under ``folder/deepspeed``."""
+        state = self.full_state_dict()
+        if self.model.global_rank == 0:
+            self.model.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+        if training_state:
+            self.model.save_checkpoint(str(Path(folder) / "deepspeed"), tag="state", save_latest=False)
+
+    def load_training_state(self, folder: Path) -> None:
+        self.model.load_checkpoint(str(Path(folder) / "deepspeed"), tag="state", load_module_strict=True)
+
+
+def frozen_for_inference(model: torch.nn.Module, zero: ZeroSpec | None) -> torch.nn.Module:
+    """A frozen model (the reference): partitioned across ranks under ZeRO-3, else a plain replica."""
+    model.requires_grad_(False).eval()
+    if zero is None or zero.stage != 3:
+        return model
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(OptimSpec(lr=1.0), zero, trainable=False))
+    engine.eval()
+    return engine

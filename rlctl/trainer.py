@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -15,8 +16,17 @@ import torch
 
 from rlctl.algos import AdvantageInputs, Algorithm, ops, shaping
 from rlctl.batch import Batch, concat
-from rlctl.checkpoint import Snapshot, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf_folder
+from rlctl.checkpoint import (
+    begin_checkpoint,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_rng,
+    publish_folder,
+    read_trainer_state,
+    save_rng,
+)
 from rlctl.data import PromptSampler, PromptSet
+from rlctl.distributed import Ranks, any_rank, barrier, mean_over_ranks
 from rlctl.engine import Engine
 from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator
@@ -64,6 +74,7 @@ class Stages:
     logger: Loggers
     schedule: Schedule
     run_dir: Path
+    ranks: Ranks = Ranks()  # this process's place in a data-parallel launch
     model_path: str = ""  # what the policy was initialised from; a checkpoint must match it to resume
     resume_from: Path | None = None  # a checkpoint whose weights build already loaded
     resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
@@ -148,12 +159,13 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
     algo, sched = s.algo, s.schedule
     kept: list[Batch] = []
     n_kept = n_sampled = 0
-    last = None
     term_sums: dict[str, float] = {}
     errors_before = s.rewards.errors
     for _attempt in range(1 + (sched.sampling_retries if algo.dynamic_sampling else 0)):
-        with timer("rollout"):
-            picked = s.sampler.next_batch()
+        with timer("rollout"), s.policy.generation_context():
+            # one global draw of P × world prompts; each rank takes its own P (all G samples stay together)
+            everyone = s.sampler.next_batch()
+            picked = everyone[s.ranks.rank * sched.prompts_per_step : (s.ranks.rank + 1) * sched.prompts_per_step]
             batch = s.rollout.generate(
                 s.policy.unwrapped(),
                 [s.train_prompts.token_ids[i] for i in picked],
@@ -170,25 +182,24 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
         n_sampled += len(picked)
         for name, values in result.per_term.items():  # unshaped, over everything sampled
             term_sums[name] = term_sums.get(name, 0.0) + float(values.sum())
-        batch = last = _with_steps(s, batch, result.steps)
+        batch = _with_steps(s, batch, result.steps)
         if not algo.dynamic_sampling:
             metrics = {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
             return batch, {**metrics, "reward/errors": float(s.rewards.errors - errors_before)}
-        keep = shaping.groups_with_signal(batch.scores, algo.group_size)
+        keep = shaping.groups_with_signal(batch.scores, algo.group_size).repeat_interleave(algo.group_size)
         if keep.any():
-            rows = torch.nonzero(keep.repeat_interleave(algo.group_size)).squeeze(1)
-            kept.append(batch.rows(rows))
-            n_kept += int(keep.sum())
-        if n_kept >= sched.prompts_per_step:
+            kept.append(batch.rows(torch.nonzero(keep).squeeze(1)))
+            n_kept += int(keep.sum()) // algo.group_size
+        uniform = batch.rows(torch.nonzero(~keep).squeeze(1))
+        if not any_rank(n_kept < sched.prompts_per_step):  # ranks retry together: rollouts are collective under ZeRO-3
             break
     metrics = {"sampling/prompts_sampled": float(n_sampled), "sampling/groups_kept": float(n_kept)}
     metrics.update({f"reward/{k}": v / (n_sampled * algo.group_size) for k, v in term_sums.items()})
     metrics["reward/errors"] = float(s.rewards.errors - errors_before)
-    if not kept:  # every group was uniform: train on the last batch (its advantages are all 0)
-        return last, metrics
-    batch = concat(kept, s.tokenizer.pad_token_id)
-    n_rows = min(n_kept, sched.prompts_per_step) * algo.group_size
-    return batch.rows(torch.arange(n_rows)), metrics
+    # Too few groups with signal: top up with groups from the last rollout (their advantages are 0),
+    # so every step, and every rank, trains on the same number of samples.
+    batch = concat([b for b in (*kept, uniform) if b.size > 0], s.tokenizer.pad_token_id)
+    return batch.rows(torch.arange(sched.prompts_per_step * algo.group_size)), metrics
 
 
 def _with_steps(s: Stages, batch: Batch, steps) -> Batch:
@@ -325,7 +336,8 @@ def evaluate_and_log(s: Stages, step: int, label: str) -> dict[str, float]:
     if s.evaluator is None:
         return {}
     start = time.perf_counter()
-    results = s.evaluator(s.policy.unwrapped())
+    with s.policy.generation_context():
+        results = s.evaluator(s.policy.unwrapped())
     results["time_s"] = time.perf_counter() - start
     s.logger.metrics({f"eval/{k}": v for k, v in results.items()}, step)
     s.logger.message(
@@ -360,43 +372,65 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _models_to_save(s: Stages) -> dict:
-    models = {"policy": s.policy.unwrapped()}
-    if s.critic is not None:
-        models["critic"] = s.critic.unwrapped()
-    return models
+def _engines(s: Stages) -> dict[str, Engine]:
+    return {"policy": s.policy} | ({"critic": s.critic} if s.critic is not None else {})
 
 
 def save_resumable(s: Stages, state: TrainState) -> Path:
-    engines = {"policy": s.policy.state_dict()}
-    if s.critic is not None:
-        engines["critic"] = s.critic.state_dict()
-    trainer_state = {
-        "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
-        "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
-        "sampler": s.sampler.state_dict(), "model_path": s.model_path, "has_critic": s.critic is not None,
-    }  # fmt: skip
-    return save_checkpoint(
-        s.run_dir / "checkpoints",
-        state.step,
-        _models_to_save(s),
-        s.tokenizer,
-        Snapshot(trainer_state, engines),
-        s.schedule.keep_last,
-    )
+    """A checkpoint every rank contributes to (weights, optimiser shards, its RNG); the main rank
+    writes the loop state and makes it visible atomically."""
+    tmp = begin_checkpoint(s.run_dir / "checkpoints", state.step, s.ranks.is_main)
+    barrier()
+    for name, engine in _engines(s).items():
+        engine.save(tmp / name, s.tokenizer if name == "policy" else None)
+    save_rng(tmp, s.ranks.rank)
+    path = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if s.ranks.is_main:
+        trainer_state = {
+            "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
+            "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+            "sampler": s.sampler.state_dict(), "model_path": s.model_path, "has_critic": s.critic is not None,
+            "world_size": s.ranks.world_size,
+        }  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+    barrier()
+    if s.ranks.is_main:
+        path = commit_checkpoint(tmp, s.schedule.keep_last)
+    barrier()
+    return path
 
 
 def restore(s: Stages, folder: Path) -> TrainState:
     """Optimiser, schedule, sampler, RNG and loop state from a checkpoint (build loaded its weights)."""
-    saved, engines = load_checkpoint(folder)
-    s.policy.load_state_dict(engines["policy"])
-    if s.critic is not None:
-        s.critic.load_state_dict(engines["critic"])
+    saved = read_trainer_state(folder)
+    if saved["world_size"] != s.ranks.world_size:
+        raise RlctlError(
+            f"resume: {folder} was written by {saved['world_size']} processes; resume it with the same number "
+            f"(this launch has {s.ranks.world_size})"
+        )
+    for name, engine in _engines(s).items():
+        engine.load_training_state(folder / name)
     s.sampler.load_state_dict(saved["sampler"])
+    load_rng(folder, s.ranks.rank)
     return TrainState(
         step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
         consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
     )  # fmt: skip
+
+
+def export_final(s: Stages) -> Path:
+    """``checkpoints/final``: the policy alone as an HF folder (weights gathered under ZeRO-3), atomically."""
+    final = s.run_dir / "checkpoints" / "final"
+    tmp = final.with_name("final.tmp")
+    if s.ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    s.policy.save(tmp, s.tokenizer, training_state=False)
+    barrier()
+    if s.ranks.is_main:
+        publish_folder(tmp, final)
+    barrier()
+    return final
 
 
 def train(s: Stages) -> dict:
@@ -418,7 +452,7 @@ def train(s: Stages) -> dict:
     with StopRequest() as stop:
         while state.step < sched.steps:
             state.step += 1
-            metrics = {"step": state.step, **train_step(s, state)}
+            metrics = {"step": state.step, **mean_over_ranks(train_step(s, state))}
             s.logger.metrics(metrics, state.step)
             if state.consecutive_skips:
                 s.logger.message(
@@ -454,8 +488,7 @@ def train(s: Stages) -> dict:
                 json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n"
             )
         if sched.save_final:
-            final = save_hf_folder(s.policy.unwrapped(), s.tokenizer, s.run_dir / "checkpoints" / "final")
-            s.logger.message(f"saved the trained model to {final}")
+            s.logger.message(f"saved the trained model to {export_final(s)}")
     summary["final_metrics"] = metrics
     summary["wall_s"] = time.perf_counter() - started
     s.logger.message(f"done in {summary['wall_s']:.0f}s; run folder: {s.run_dir}")
