@@ -36,5 +36,6 @@ train: setup
 clean:
 	rm -rf runs multirun outputs .pytest_cache
 
-bench: setup
+bench: setup  # PPO vs GRPO (memory, step time), then ZeRO-0 vs ZeRO-3 per-rank memory with 2 ranks
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_algos.py
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(BIN)/python scripts/bench_zero.py
