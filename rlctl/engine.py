@@ -32,6 +32,27 @@ class OptimSpec:
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
+def adamw_with_schedule(model: torch.nn.Module, spec: OptimSpec, on_cpu: bool = False):
+    """AdamW over the trainable parameters (DeepSpeed's CPU Adam when the optimiser is offloaded)
+    and the warm-up + decay schedule, both from ``spec``; validates the values a user may get wrong."""
+    if spec.lr <= 0 or not math.isfinite(spec.lr):
+        raise RlctlError(f"optim.lr: must be a positive number, got {spec.lr}")
+    if spec.schedule not in SCHEDULES:
+        raise RlctlError(f"optim.schedule: unknown schedule {spec.schedule!r}; known: {sorted(SCHEDULES)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    hyper = {"lr": spec.lr, "betas": spec.betas, "eps": spec.eps, "weight_decay": spec.weight_decay}
+    if on_cpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+    else:
+        optimizer = torch.optim.AdamW(params, **hyper)
+    scheduler = get_scheduler(
+        SCHEDULES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=spec.total_updates
+    )
+    return optimizer, scheduler
+
+
 def make_accelerator(precision: str) -> Accelerator:
     if precision not in ("no", "bf16", "fp16"):
         raise RlctlError(f"engine.precision: must be one of no | bf16 | fp16, got {precision!r}")
@@ -42,21 +63,8 @@ class Engine:
     """Wraps one trainable model: AdamW, a warm-up + decay schedule, gradient clipping."""
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, spec: OptimSpec):
-        if spec.lr <= 0 or not math.isfinite(spec.lr):
-            raise RlctlError(f"optim.lr: must be a positive number, got {spec.lr}")
-        if spec.schedule not in SCHEDULES:
-            raise RlctlError(f"optim.schedule: unknown schedule {spec.schedule!r}; known: {sorted(SCHEDULES)}")
         self.accelerator, self.spec = accelerator, spec
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
-        )
-        scheduler = get_scheduler(
-            SCHEDULES[spec.schedule],
-            optimizer,
-            num_warmup_steps=spec.warmup_steps,
-            num_training_steps=spec.total_updates,
-        )
+        optimizer, scheduler = adamw_with_schedule(model, spec)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     def autocast(self):
@@ -162,26 +170,8 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, spec: OptimSpec, zero: ZeroSpec):
         import deepspeed
 
-        if spec.lr <= 0 or not math.isfinite(spec.lr):
-            raise RlctlError(f"optim.lr: must be a positive number, got {spec.lr}")
         self.spec, self.zero = spec, zero
-        params = [p for p in model.parameters() if p.requires_grad]
-        if zero.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(
-                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, adamw_mode=True
-            )
-        else:
-            optimizer = torch.optim.AdamW(
-                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
-            )
-        scheduler = get_scheduler(
-            SCHEDULES[spec.schedule],
-            optimizer,
-            num_warmup_steps=spec.warmup_steps,
-            num_training_steps=spec.total_updates,
-        )
+        optimizer, scheduler = adamw_with_schedule(model, spec, on_cpu=zero.offload_optimizer)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, zero)
         )
@@ -236,8 +226,13 @@ class DeepSpeedEngine:
 def frozen_for_inference(model: torch.nn.Module, zero: ZeroSpec | None) -> torch.nn.Module:
     """A frozen model (the reference): partitioned across ranks under ZeRO-3, else a plain replica."""
     model.requires_grad_(False).eval()
-    if zero is None or zero.stage != 3:
+    if zero is None:
         return model
+    if zero.stage != 3:
+        # DeepSpeed runs the policy in 16-bit weights (no autocast); the replica matches it, so KL
+        # to the reference is exactly 0 before the first update.
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(zero.precision)
+        return model.to(half) if half is not None else model
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(OptimSpec(lr=1.0), zero, trainable=False))

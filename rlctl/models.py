@@ -183,14 +183,18 @@ class ValueModel(torch.nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable()
 
-    def save_pretrained(self, folder: Path, **kwargs) -> None:
-        """The backbone as an HF folder plus ``value_head.safetensors``."""
+    def save_pretrained(self, folder: Path, state_dict: dict | None = None, **kwargs) -> None:
+        """The backbone as an HF folder plus ``value_head.safetensors``. ``state_dict`` (keys
+        ``backbone.*`` and ``head.*``) replaces the module's own, e.g. weights gathered under ZeRO-3."""
         from safetensors.torch import save_file
 
-        self.backbone.save_pretrained(folder, **kwargs)
-        save_file(
-            {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(folder) / "value_head.safetensors")
-        )
+        state = state_dict if state_dict is not None else self.state_dict()
+
+        def part(prefix: str) -> dict:
+            return {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+
+        self.backbone.save_pretrained(folder, state_dict=part("backbone."), **kwargs)
+        save_file(part("head."), str(Path(folder) / "value_head.safetensors"))
 
 
 def load_value_model(

@@ -42,3 +42,11 @@ def test_unknown_paths_name_the_key():
         load_causal_lm("random:huge", None)
     with pytest.raises(RlctlError, match=r"unknown embedded model 'gpt5'; known: \['smollm2-135m'\]"):
         resolve("embedded:gpt5")
+
+
+def test_a_critic_saves_a_given_state_dict_split_into_body_and_head(tmp_path, tokenizer):
+    critic = load_value_model("random:tiny", tokenizer)
+    state = {k: torch.full_like(v, 0.5) for k, v in critic.state_dict().items()}  # e.g. gathered under ZeRO-3
+    critic.save_pretrained(tmp_path, state_dict=state)
+    again = load_value_model(str(tmp_path), tokenizer)
+    assert all(torch.all(v == 0.5) for v in again.state_dict().values())
