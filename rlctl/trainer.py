@@ -134,8 +134,9 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     state.skipped_steps += skipped
     state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
     kl_coef_used = state.kl_coef
-    if "kl" in update_metrics and not skipped:
-        state.kl_coef = algo.next_kl_coef(state.kl_coef, update_metrics["kl"], batch.size)
+    if "kl" in update_metrics and not skipped:  # β must stay the same on every rank: adapt to the mean KL
+        measured = mean_over_ranks({"kl": update_metrics["kl"]})["kl"]
+        state.kl_coef = algo.next_kl_coef(state.kl_coef, measured, batch.size * s.ranks.world_size)
 
     metrics = {
         **_batch_metrics(batch, s.rewards, algo),

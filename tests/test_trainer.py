@@ -101,3 +101,17 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(tmp_path
     metrics = train_step(stages, TrainState(step=1))
     assert metrics["sampling/prompts_sampled"] >= 2
     assert metrics["advantages/std"] > 0  # every kept group has rewards that differ
+
+
+def test_the_adaptive_kl_coefficient_moves_between_steps_and_is_logged(tmp_path):
+    stages = build(tmp_path, "algo=grpo", "algo.kl_coef=0.1", "algo.kl_target=1e-9", "algo.kl_horizon=8",
+                   "optim.lr=1e-3", "reward.terms=[{name: format, pattern: ing}]")  # fmt: skip
+    state = TrainState(kl_coef=0.1)
+    logged = []
+    for _ in range(3):
+        state.step += 1
+        logged.append(train_step(stages, state)["kl_coef"])
+    # Step 1 measures KL before any update: exactly 0, below the target, so β falls by the clipped
+    # 20% × n/horizon (8 samples / 8) = 20%: 0.1 -> 0.08. From step 2 the policy has moved, the KL is
+    # far above the tiny target and β rises 20%: 0.08 -> 0.096.
+    assert logged == pytest.approx([0.1, 0.08, 0.096])
