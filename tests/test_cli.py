@@ -166,3 +166,11 @@ def test_wandb_logger_works_offline(tmp_path):
           f"hydra.run.dir={tmp_path}")  # fmt: skip
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert offline_runs and any(offline_runs[0].glob("*.wandb"))
+
+
+def test_gsm8k_trains_offline_from_a_local_jsonl(tmp_path):
+    rlctl("train", "recipe=smoke", "data=gsm8k", "reward=gsm8k", "steps=1", "data.path=../shared/data/gsm8k/test.jsonl",
+          "data.eval_size=2", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if "reward/mean" in r)
+    assert rows[0]["data/train_prompts"] > 1000 and {"reward/gsm8k", "reward/format"} <= set(step)
