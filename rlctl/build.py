@@ -155,6 +155,12 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     ranks = launched_ranks()
     zero = None
     if cfg.deepspeed.enabled:
+        if cfg.deepspeed.stage not in (0, 1, 2, 3):
+            raise RlctlError(f"deepspeed.stage: ZeRO stages are 0, 1, 2 and 3, got {cfg.deepspeed.stage}")
+        if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
+            raise RlctlError(
+                "deepspeed.offload_params: parameters can be offloaded only under ZeRO-3 (deepspeed.stage=3)"
+            )
         if cfg.engine.precision not in ("no", "bf16", "fp16"):
             raise RlctlError(f"engine.precision: must be one of no | bf16 | fp16, got {cfg.engine.precision!r}")
         if minibatch % o.micro_batch_size:

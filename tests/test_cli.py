@@ -129,6 +129,7 @@ def test_the_run_ends_with_curves_and_a_model_card(smoke_run):
         (["model.path=/nonexistent/model"], "model.path: no such folder: /nonexistent/model"),
         (["optim.lr=-1"], "optim.lr: must be a positive number"),
         (["optim.minibatch_size=3"], "optim.minibatch_size: 3 does not divide"),
+        (["deepspeed=zero2", "deepspeed.stage=5"], "deepspeed.stage: ZeRO stages are 0, 1, 2 and 3, got 5"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_no_traceback(overrides, message, tmp_path):
