@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
 
 
-def rlctl(*args, cwd=None, check=True):
+def rlctl(*args, cwd=None, check=True, timeout=600):
     result = subprocess.run(
-        [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600
+        [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"rlctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
