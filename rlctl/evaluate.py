@@ -7,6 +7,7 @@ import math
 import torch
 
 from rlctl.data.prompts import PromptSet
+from rlctl.errors import RlctlError
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout
 
@@ -26,8 +27,6 @@ class Evaluator:
     ):
         bad = [k for k in pass_k if not 1 <= k <= n_samples]
         if bad:
-            from rlctl.errors import RlctlError
-
             raise RlctlError(f"eval.pass_k: every k must be between 1 and eval.n_samples={n_samples}, got {bad}")
         self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
         self.n_samples, self.pass_k = n_samples, pass_k

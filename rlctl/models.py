@@ -207,6 +207,7 @@ def load_value_model(
     """A critic initialised from a checkpoint's transformer body: a causal LM (the policy by default)
     or a reward model; its LM or score head is dropped and a new scalar head added (or the
     ``value_head.safetensors`` a saved critic carries)."""
+    source = None
     if path.startswith(RANDOM_PREFIX):
         backbone = load_causal_lm(path, tokenizer, dtype, trust_remote_code, seed).base_model
     else:
@@ -218,7 +219,7 @@ def load_value_model(
         except (OSError, ValueError) as err:
             raise RlctlError(f"critic.path: cannot load a model body from {path!r}: {_first_line(err)}") from None
     model = ValueModel(backbone, backbone.config.hidden_size).to(getattr(torch, dtype))
-    head_file = None if path.startswith(RANDOM_PREFIX) else Path(resolve(path)) / "value_head.safetensors"
+    head_file = None if source is None else Path(source) / "value_head.safetensors"
     if head_file is not None and head_file.exists():
         from safetensors.torch import load_file
 
