@@ -24,6 +24,7 @@ class Batch:
     answers: list[str]  # [B] reference answers
     scores: torch.Tensor | None = None  # [B] sequence reward
     correct: torch.Tensor | None = None  # [B] bool
+    length_penalty: torch.Tensor | None = None  # [B] the part of ``scores`` that punishes length (DAPO overlong)
     old_logprobs: torch.Tensor | None = None  # [B, T] from the policy that sampled (None: same as current)
     ref_logprobs: torch.Tensor | None = None  # [B, T] from the frozen reference
     step_rewards: torch.Tensor | None = None  # [B, T] process rewards on their tokens (None: one score per sequence)
@@ -63,7 +64,8 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     response_width = max(b.response_length for b in batches)
     parts: dict[str, list] = {
         k: []
-        for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct", "step_rewards")
+        for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct", "length_penalty",
+                  "step_rewards")
     }
     offset = 0
     for b in batches:
@@ -88,6 +90,7 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
         offset = int(parts["group_ids"][-1].max()) + 1
         parts["scores"].append(b.scores)
         parts["correct"].append(b.correct)
+        parts["length_penalty"].append(b.length_penalty)
     tensors = {k: (torch.cat(v) if all(t is not None for t in v) else None) for k, v in parts.items()}
     lists = {k: [x for b in batches for x in getattr(b, k)] for k in ("prompts", "completions", "answers")}
     return Batch(**tensors, **lists)

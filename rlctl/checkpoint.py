@@ -22,15 +22,45 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from rlctl.distributed import barrier
 from rlctl.errors import RlctlError
 
+if TYPE_CHECKING:
+    from rlctl.trainer import Stages
+
 LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """The ``checkpoint`` config group, filled by field name."""
+
+    every: int  # steps between resumable checkpoints (0 = only at the end)
+    keep_last: int  # resumable checkpoints kept
+    max_consecutive_skips: int  # stop after this many non-finite updates in a row
+
+    def __post_init__(self) -> None:
+        for key, minimum in (("every", 0), ("keep_last", 1), ("max_consecutive_skips", 1)):
+            if getattr(self, key) < minimum:
+                raise ValueError(f"{key}: must be ≥ {minimum}, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainState:
+    """What changes from step to step besides the models (and what a checkpoint must keep)."""
+
+    step: int = 0
+    kl_coef: float = 0.0
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0
+    eval_before: dict | None = None
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -138,3 +168,67 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "trainer_state.json").read_text())
+
+
+# --- the training run's checkpoints (every rank takes part) ------------------------------------
+
+
+def _engines(s: Stages) -> dict:
+    return {"policy": s.policy} | ({"critic": s.critic} if s.critic is not None else {})
+
+
+def save_resumable(s: Stages, state: TrainState) -> Path:
+    """A checkpoint every rank contributes to (weights, optimiser shards, its RNG); the main rank
+    writes the loop state and makes it visible atomically."""
+    tmp = begin_checkpoint(s.run_dir / "checkpoints", state.step, s.ranks.is_main)
+    barrier()
+    for name, engine in _engines(s).items():
+        engine.save(tmp / name, s.tokenizer if name == "policy" else None)
+    save_rng(tmp, s.ranks.rank)
+    path = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if s.ranks.is_main:
+        trainer_state = {
+            "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
+            "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+            "sampler": s.sampler.state_dict(), "model_path": s.model_path, "has_critic": s.critic is not None,
+            "world_size": s.ranks.world_size,
+        }  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+    barrier()
+    if s.ranks.is_main:
+        path = commit_checkpoint(tmp, s.checkpoints.keep_last)
+    barrier()
+    return path
+
+
+def restore(s: Stages, folder: Path) -> TrainState:
+    """Optimiser, schedule, sampler, RNG and loop state from a checkpoint (build loaded its weights)."""
+    saved = read_trainer_state(folder)
+    if saved["world_size"] != s.ranks.world_size:
+        raise RlctlError(
+            f"resume: {folder} was written by {saved['world_size']} processes; resume it with the same number "
+            f"(this launch has {s.ranks.world_size})"
+        )
+    for name, engine in _engines(s).items():
+        engine.load_training_state(folder / name)
+    s.sampler.load_state_dict(saved["sampler"])
+    load_rng(folder, s.ranks.rank)
+    return TrainState(
+        step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
+        consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
+    )  # fmt: skip
+
+
+def export_final(s: Stages) -> Path:
+    """``checkpoints/final``: the policy alone as an HF folder (weights gathered under ZeRO-3), atomically."""
+    final = s.run_dir / "checkpoints" / "final"
+    tmp = final.with_name("final.tmp")
+    if s.ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    s.policy.save(tmp, s.tokenizer, training_state=False)
+    barrier()
+    if s.ranks.is_main:
+        publish_folder(tmp, final)
+    barrier()
+    return final

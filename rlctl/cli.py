@@ -8,9 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"
-RECIPES_DIR = PACKAGE_DIR.parent / "recipes"
+# In the source tree rlctl/conf links to the repo's conf/ (and conf/recipe to recipes/); a wheel
+# carries both as package data, so an installed rlctl finds its configs from any folder.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+RECIPES_DIR = CONF_DIR / "recipe"
 
 USAGE = """usage: rlctl COMMAND [overrides ...]
 
@@ -34,13 +35,37 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def run_train(cfg) -> dict:
+def run_train(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.dry_run:
+        return dry_run(cfg, run_dir)
     kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
     return train_in(cfg, run_dir, " ".join(["rlctl train", *kept]))
+
+
+def dry_run(cfg, run_dir: Path) -> None:
+    """`rlctl train dry_run=true`: every config check and the batch layout, without loading weights."""
+    import shutil
+    import time
+
+    from rlctl.build import read_train_settings
+
+    started = time.perf_counter()
+    settings = read_train_settings(cfg)
+    made_by_hydra = {".hydra", "train.log"}  # Hydra made the folder (and an empty log) for a run that will not happen
+    if run_dir.is_dir() and all(p.name in made_by_hydra and (p.is_dir() or p.stat().st_size == 0) for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    algo = settings.algo
+    parts = [f"algo {algo.name} (advantage {algo.advantage}, loss {algo.policy_loss}, aggregation {algo.loss_agg})",
+             f"critic {'yes' if algo.needs_values else 'no'}", f"reference {'yes' if algo.needs_reference else 'no'}",
+             f"old log-probs {'stored before the first update' if algo.needs_old_logprobs(settings.layout.updates_per_step) else 'not needed (one update per step)'}"]  # fmt: skip
+    print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
+    print("; ".join(parts))
+    print(settings.layout.describe())
+    print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")
 
 
 def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
@@ -71,7 +96,7 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
 
 def run_eval(cfg) -> dict:
     from rlctl.build import build_evaluator, build_prompts, build_rewards, load_model_and_tokenizer
-    from rlctl.engine import make_accelerator
+    from rlctl.optim.engine import make_accelerator
 
     rewards = build_rewards(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg)
@@ -93,7 +118,7 @@ def run_generate(cfg) -> list:
     from rlctl.build import build_prompts, load_model_and_tokenizer, sampling_params
     from rlctl.data import Example, encode_prompts
     from rlctl.data.prompts import PromptFormat
-    from rlctl.engine import make_accelerator
+    from rlctl.optim.engine import make_accelerator
     from rlctl.rollout import BACKENDS
 
     model, tokenizer = load_model_and_tokenizer(cfg)

@@ -6,9 +6,14 @@ so ``optim.lrr=1`` fails with "Key 'lrr' not in 'OptimConfig'" and ``optim.lr=ab
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rlctl.errors import RlctlError
 
 
 @dataclass
@@ -23,14 +28,14 @@ class AlgoConfig:
     clip_high: float = 0.2  # ratio upper bound is 1 + clip_high (DAPO's clip-higher raises it)
     dual_clip: float | None = None  # ppo_clip: bound the loss at −c·A for A < 0 (c > 1, e.g. 3); None = off
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    norm_by_max_new_tokens: bool = False  # seq-mean-token-sum-norm: divide by rollout.max_new_tokens (Dr.GRPO)
+    norm_by_max_new_tokens: bool = False  # seq-mean-token-sum-norm: L = rollout.max_new_tokens (Dr.GRPO), else the minibatch's longest response
     kl_coef: float = 0.0  # β of the KL(π‖π_ref) term (initial β when adaptive); 0 with no target loads no reference
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_placement: str = "in_loss"  # in_loss (GRPO) | in_reward (PPO: r_t −= β·KL_t)
     kl_target: float | None = None  # adaptive β: per-token KL to aim for; None = fixed β
     kl_horizon: int = 10000  # adaptive β: samples over which β may change by at most ±20%
     entropy_coef: float = 0.0  # bonus on the policy's entropy (0 = off)
-    num_iterations: int = 1  # passes over each batch of samples (μ); >1 makes the ratio clip matter
+    num_iterations: int = 1  # passes over each step's samples (μ); the ratio is to the sampling policy's stored log-probs
     gamma: float = 1.0  # discount over response tokens (gae, reinforce_pp)
     lam: float = 0.95  # gae: λ, the bias/variance trade-off (0 = one-step TD, 1 = Monte Carlo)
     value_loss: str = "clipped_mse"  # critic loss: clipped_mse
@@ -119,7 +124,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | linear | cosine (after warm-up)
     warmup_steps: int = 0  # linear warm-up, in optimiser updates
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
-    minibatch_size: int = 0  # samples per optimiser update (0 = the whole step's batch)
+    minibatch_size: int = 0  # samples per optimiser update, per process (0 = the step's whole batch)
     micro_batch_size: int = 32  # samples per forward/backward (gradient accumulation inside a minibatch)
 
 
@@ -182,8 +187,9 @@ class TrainConfig:
         "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH (a checkpoint or run folder)
     )
     steps: int = 24  # training steps (one step = rollout + update)
-    prompts_per_step: int = 8  # prompts sampled per step (P); the step trains on P × group_size samples
+    prompts_per_step: int = 8  # prompts sampled per step and process (P); each trains on P × group_size samples
     save_final: bool = True  # write checkpoints/final (HF format) at the end
+    dry_run: bool = False  # check the config, print the batch layout and exit, loading no model weights
 
 
 @dataclass
@@ -206,6 +212,33 @@ class GenerateConfig:
     prompts: list[str] = field(default_factory=list)  # prompts to complete; empty: take from the dataset
     num_prompts: int = 4  # dataset prompts to take when `prompts` is empty
     n: int = 1  # completions per prompt
+
+
+def fill(group: str, node: DictConfig | dict, *targets: type, **derived: Any):
+    """Plain objects filled by field name from one config group: every field of every target is
+    taken from the group's key of that name (or from ``derived``, values worked out from other
+    groups), every key of the group must be taken by some target, and every derived value must be
+    used. So a new setting cannot be silently dropped between the schema and the object that uses
+    it. Returns one instance, or a tuple for several targets. A target's own ``ValueError`` becomes
+    a one-line error naming ``group.key`` (its message starts with the key)."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    taken: set[str] = set()
+    made = []
+    for target in targets:
+        names = [f.name for f in dataclasses.fields(target)]
+        missing = [n for n in names if n not in values and n not in derived]
+        if missing:
+            raise TypeError(f"{target.__name__}: fields {missing} are neither keys of '{group}' nor derived")
+        taken.update(names)
+        try:
+            made.append(target(**{n: derived[n] if n in derived else values[n] for n in names}))
+        except ValueError as err:
+            raise RlctlError(f"{group}.{err}") from None
+    unread = sorted(set(values) - taken)
+    unused = sorted(set(derived) - taken)
+    if unread or unused:
+        raise TypeError(f"'{group}' keys {unread} and derived values {unused} are read by none of {targets}")
+    return made[0] if len(made) == 1 else tuple(made)
 
 
 def register_schemas() -> None:

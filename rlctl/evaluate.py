@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +20,29 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The ``eval`` config group, filled by field name."""
+
+    enabled: bool  # evaluate before training, every `every` steps, and after
+    every: int  # steps between evaluations during training (0 = before and after only)
+    n_samples: int  # completions per held-out prompt
+    temperature: float  # 0 = greedy
+    pass_k: list[int]  # report pass@k for each k
+    batch_size: int  # prompts per generation call
+
+    def __post_init__(self) -> None:
+        checks = (("every", self.every >= 0, "must be ≥ 0"), ("n_samples", self.n_samples >= 1, "must be ≥ 1"),
+                  ("temperature", self.temperature >= 0, "must be ≥ 0 (0 = greedy)"),
+                  ("batch_size", self.batch_size >= 1, "must be ≥ 1"))  # fmt: skip
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)}")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.n_samples]
+        if bad:
+            raise ValueError(f"pass_k: every k must be between 1 and eval.n_samples={self.n_samples}, got {bad}")
 
 
 class Evaluator:

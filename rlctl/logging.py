@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,23 @@ from rich.table import Table
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
                 ("response_len/mean", "len"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    """The ``logger`` config group, filled by field name."""
+
+    console: bool  # rich progress bar and sample tables
+    sample_every: int  # steps between sample tables (0 = never)
+    samples_shown: int  # rows per sample table
+    wandb: bool  # also log to Weights & Biases
+    wandb_project: str
+    wandb_entity: str | None
+
+    def __post_init__(self) -> None:
+        for key in ("sample_every", "samples_shown"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be ≥ 0, got {getattr(self, key)}")
 
 
 class Sink(Protocol):

@@ -80,19 +80,33 @@ def _embedded_folder(name: str, tokenizer_only: bool = False) -> str:
     return str(target)
 
 
-def resolve(path: str) -> str:
+def check_path(path: str, key: str = "model.path") -> None:
+    """Fail early, naming ``key``, on a path that cannot be a model: an unknown embedded or random
+    model, or a local folder that does not exist. Loads nothing (hub ids are checked on load)."""
+    if path.startswith(EMBEDDED_PREFIX):
+        if path[len(EMBEDDED_PREFIX) :] not in EMBEDDED:
+            raise RlctlError(f"{key}: unknown embedded model {path!r}; known: {[EMBEDDED_PREFIX + n for n in EMBEDDED]}")
+        return
+    if path.startswith(RANDOM_PREFIX):
+        if path[len(RANDOM_PREFIX) :] != "tiny":
+            raise RlctlError(f"{key}: unknown random model {path!r}; known: ['random:tiny']")
+        return
+    local = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise RlctlError(f"{key}: no such folder: {local}")
+
+
+def resolve(path: str, key: str = "model.path") -> str:
     """Turn a model path as written in the config into something ``from_pretrained`` accepts.
 
     A run folder stands for its final checkpoint (``RUN/checkpoints/final``).
     """
+    check_path(path, key)
     if path.startswith(EMBEDDED_PREFIX):
         return _embedded_folder(path[len(EMBEDDED_PREFIX) :])
-    local = Path(path).expanduser()
-    final = local / "checkpoints" / "final"
+    final = Path(path).expanduser() / "checkpoints" / "final"
     if (final / "config.json").exists():
         return str(final)
-    if path.startswith(("/", "./", "../", "~")) and not local.exists():
-        raise RlctlError(f"model.path: no such folder: {local}")
     return path
 
 
@@ -211,7 +225,7 @@ def load_value_model(
     if path.startswith(RANDOM_PREFIX):
         backbone = load_causal_lm(path, tokenizer, dtype, trust_remote_code, seed).base_model
     else:
-        source = resolve(path)
+        source = resolve(path, "critic.path")
         try:
             backbone = AutoModel.from_pretrained(
                 source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code

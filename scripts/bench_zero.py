@@ -41,7 +41,7 @@ def child(model_path: str, stage: int, out: str) -> None:
     import torch.distributed as dist
 
     from rlctl.distributed import init_process_group, launched_ranks
-    from rlctl.engine import DeepSpeedEngine, OptimSpec, ZeroSpec
+    from rlctl.optim.engine import DeepSpeedEngine, OptimSpec, ZeroSpec
     from rlctl.models import load_causal_lm, load_tokenizer
 
     ranks = launched_ranks()

@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from rlctl.algos import Algorithm
 from rlctl.distributed import init_process_group, launched_ranks
-from rlctl.engine import DeepSpeedEngine, OptimSpec, ZeroSpec
+from rlctl.optim.engine import DeepSpeedEngine, OptimSpec, ZeroSpec
 from rlctl.models import load_causal_lm, load_tokenizer
-from rlctl.scoring import response_logprobs
+from rlctl.optim.scoring import response_logprobs
 
 
 def main(out: Path, stage: int) -> None:

@@ -40,19 +40,33 @@ def test_aggregations_on_a_hand_worked_example():
         ops.aggregate(loss, mask, "mean")
 
 
+def test_a_token_mean_over_two_parts_is_one_mean_over_all_tokens_not_a_mean_of_means():
+    # Part A holds 1 token of loss 4, part B 3 tokens of loss 0. Over all 4 tokens: 4 / 4 = 1.
+    # A mean of the parts' own means would give (4 + 0) / 2 = 2: the bug of per-rank denominators.
+    loss_a, mask_a = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    loss_b, mask_b = torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0]])
+    totals = ops.AggregationTotals(tokens=4, sequences=2, length=3)
+    share_a = ops.aggregate(loss_a, mask_a, "token-mean", totals=totals)  # 4 / 4
+    share_b = ops.aggregate(loss_b, mask_b, "token-mean", totals=totals)  # 0 / 4
+    assert (share_a + share_b).item() == pytest.approx(1.0)
+    # seq-mean-token-mean: sequence means 4 and 0 over S = 2 sequences -> 2; seq-mean-token-sum the same;
+    # seq-mean-token-sum-norm: token sums 4 + 0 over S·L = 2·3 -> 2/3.
+    for mode, expected in (("seq-mean-token-mean", 2.0), ("seq-mean-token-sum", 2.0), ("seq-mean-token-sum-norm", 4 / 6)):
+        parts = ops.aggregate(loss_a, mask_a, mode, totals=totals) + ops.aggregate(loss_b, mask_b, mode, totals=totals)
+        assert parts.item() == pytest.approx(expected), mode
+
+
 @pytest.mark.parametrize("mode", ops.AGGREGATIONS)
-def test_micro_batch_weights_recombine_to_the_minibatch_loss(mode):
+def test_shares_of_any_split_add_up_to_the_aggregate_of_the_whole(mode):
     torch.manual_seed(0)
     loss = torch.randn(6, 5)
     mask = (torch.rand(6, 5) > 0.3).float()
-    mask[:, 0] = 1
+    mask[:, 0] = 1  # every row has at least one token, rows of unequal length
     whole = ops.aggregate(loss, mask, mode, norm_length=5)
-    parts = sum(
-        ops.micro_batch_weight(mask[i : i + 2], mask, mode)
-        * ops.aggregate(loss[i : i + 2], mask[i : i + 2], mode, norm_length=5)
-        for i in (0, 2, 4)
-    )
-    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+    totals = ops.AggregationTotals.of(mask, norm_length=5)
+    for cuts in ([0, 2, 4, 6], [0, 1, 6], [0, 5, 6]):  # equal and unequal splits
+        parts = sum(ops.aggregate(loss[i:j], mask[i:j], mode, totals=totals) for i, j in zip(cuts, cuts[1:]))
+        assert parts.item() == pytest.approx(whole.item(), rel=1e-6), cuts
 
 
 # --- advantages -------------------------------------------------------------------------------------
@@ -230,9 +244,9 @@ def test_algorithm_adds_the_kl_term_with_its_coefficient():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(KeyError, match=r"known: \['gae', 'grpo', 'reinforce', 'reinforce_pp', 'rloo'\]"):
+    with pytest.raises(ValueError, match=r"^advantage: .* known: \['gae', 'grpo', 'reinforce', 'reinforce_pp', 'rloo'\]"):
         Algorithm(advantage="ppo2")
-    with pytest.raises(KeyError, match="ppo_clip"):
+    with pytest.raises(ValueError, match="^policy_loss: .*ppo_clip"):
         Algorithm(policy_loss="nope")
     assert "grpo" in ADVANTAGE_ESTIMATORS
 

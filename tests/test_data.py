@@ -80,9 +80,9 @@ def test_chat_template_is_applied_once_without_a_doubled_bos(tokenizer):
 
 def test_overlong_prompts_are_skipped_or_truncated_and_counted(tokenizer):
     examples = [Example("short", "1", "a"), Example("word " * 200, "2", "b")]
-    skipped = encode_prompts(examples, PromptFormat(max_tokens=64, overlong="skip"), tokenizer)
+    skipped = encode_prompts(examples, PromptFormat(max_prompt_tokens=64, overlong="skip"), tokenizer)
     assert len(skipped) == 1 and skipped.skipped == 1 and skipped.truncated == 0
-    cut = encode_prompts(examples, PromptFormat(max_tokens=64, overlong="truncate"), tokenizer)
+    cut = encode_prompts(examples, PromptFormat(max_prompt_tokens=64, overlong="truncate"), tokenizer)
     assert len(cut) == 2 and cut.truncated == 1 and len(cut.token_ids[1]) == 64
 
 

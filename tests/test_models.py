@@ -36,11 +36,13 @@ def test_a_saved_critic_reloads_with_its_head(tmp_path, tokenizer):
 
 
 def test_unknown_paths_name_the_key():
-    with pytest.raises(RlctlError, match="model.path: no such folder: /no/such/model"):
+    with pytest.raises(RlctlError, match="^critic.path: no such folder: /no/such/model"):
         load_value_model("/no/such/model", None)
+    with pytest.raises(RlctlError, match="^model.path: no such folder: /no/such/model"):
+        resolve("/no/such/model")
     with pytest.raises(RlctlError, match="unknown random model 'huge'"):
         load_causal_lm("random:huge", None)
-    with pytest.raises(RlctlError, match=r"unknown embedded model 'gpt5'; known: \['smollm2-135m'\]"):
+    with pytest.raises(RlctlError, match=r"unknown embedded model 'embedded:gpt5'; known: \['embedded:smollm2-135m'\]"):
         resolve("embedded:gpt5")
 
 

@@ -10,7 +10,7 @@ from rlctl.algos import AdvantageInputs
 from rlctl.build import build_train
 from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
-from rlctl.scoring import response_logprobs
+from rlctl.optim.scoring import response_logprobs
 from rlctl.trainer import TrainState, _optimise, train_step
 
 

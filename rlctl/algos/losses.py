@@ -1,14 +1,15 @@
 """Policy and value losses. logp, old_logp, mask: [B, T]; advantages [B] (one per sequence) or [B, T].
 
 Every policy loss takes the same keyword arguments so the algorithm config can pick any of them by
-name; a loss ignores the ones it has no use for.
+name; a loss ignores the ones it has no use for. ``totals`` are the aggregation's denominators over
+the whole minibatch (see ``ops.aggregate``); without them the rows given are the whole minibatch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlctl.algos.ops import aggregate, masked_mean
+from rlctl.algos.ops import AggregationTotals, aggregate, masked_mean
 
 
 def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ def ppo_clip(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     agg: str = "token-mean",
-    norm_length: int | None = None,
+    totals: AggregationTotals | None = None,
     dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017), asymmetric bounds as in DAPO's clip-higher.
@@ -61,7 +62,7 @@ def ppo_clip(
         dual = (adv < 0) & (per_token > bound)
         per_token = torch.where(dual, bound, per_token)
         was_clipped = was_clipped | dual
-    return aggregate(per_token, mask, agg, norm_length), _stats(logp, old_logp, mask, was_clipped)
+    return aggregate(per_token, mask, agg, totals=totals), _stats(logp, old_logp, mask, was_clipped)
 
 
 def pg(
@@ -70,7 +71,7 @@ def pg(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     agg: str = "token-mean",
-    norm_length: int | None = None,
+    totals: AggregationTotals | None = None,
     **_unused,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla policy gradient, no ratio and no clipping: l_t = −A_t·logp_t, aggregated.
@@ -78,7 +79,7 @@ def pg(
     Its gradient equals ppo_clip's on the first pass over fresh samples (ρ = 1).
     """
     adv = _per_token(advantages, logp).to(logp.dtype)
-    loss = aggregate(-adv * logp, mask, agg, norm_length)
+    loss = aggregate(-adv * logp, mask, agg, totals=totals)
     return loss, _stats(logp, old_logp, mask, torch.zeros_like(mask, dtype=torch.bool))
 
 
@@ -90,7 +91,7 @@ def gspo(
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     agg: str = "seq-mean-token-mean",
-    norm_length: int | None = None,
+    totals: AggregationTotals | None = None,
     **_unused,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (Zheng et al. 2025): one importance ratio per sequence, the geometric mean of the token ratios.
@@ -109,7 +110,7 @@ def gspo(
     per_token = torch.maximum(unclipped, clipped)
     stats = _stats(logp, old_logp, mask, clipped > unclipped)
     stats["seq_ratio_mean"] = torch.exp(seq_log_ratio.detach()).mean()
-    return aggregate(per_token, mask, agg, norm_length), stats
+    return aggregate(per_token, mask, agg, totals=totals), stats
 
 
 def clipped_value_loss(
@@ -119,6 +120,7 @@ def clipped_value_loss(
     mask: torch.Tensor,
     value_clip: float = 0.2,
     agg: str = "token-mean",
+    totals: AggregationTotals | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped value loss: l_t = ½·max((V_t − R_t)², (V_clip,t − R_t)²),
     V_clip = old_V + clip(V − old_V, −c, c). values, old_values, returns, mask [B, T].
@@ -128,7 +130,7 @@ def clipped_value_loss(
     clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = aggregate(0.5 * torch.maximum(unclipped_error, clipped_error), mask, agg)
+    loss = aggregate(0.5 * torch.maximum(unclipped_error, clipped_error), mask, agg, totals=totals)
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((clipped_error > unclipped_error).to(values.dtype), mask)}
     return loss, stats

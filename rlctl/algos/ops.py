@@ -5,6 +5,8 @@ Shapes: B sequences, T response tokens; ``mask`` is 1 for real response tokens a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -48,34 +50,50 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask.to(x.dtype)
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar.
+@dataclass(frozen=True)
+class AggregationTotals:
+    """The denominators of one minibatch's aggregation, counted over ALL of its rows: every
+    micro-batch, on every rank. A micro-batch's loss divided by these is its exact share of the
+    minibatch loss, so the shares sum to the loss of the whole minibatch whatever the layout."""
 
-    token-mean:               Σ_{i,t} l·m / Σ_{i,t} m             (every token weighs the same; DAPO)
-    seq-mean-token-mean:      mean_i ( Σ_t l·m / Σ_t m )           (every sequence weighs the same; GRPO paper)
-    seq-mean-token-sum:       mean_i ( Σ_t l·m )
-    seq-mean-token-sum-norm:  Σ_{i,t} l·m / (B · L)                (Dr.GRPO: a constant L, default T)
+    tokens: float  # Σ mask: valid response tokens in the minibatch
+    sequences: float  # rows in the minibatch
+    length: float  # L of seq-mean-token-sum-norm
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, norm_length: int | None = None) -> AggregationTotals:
+        """Totals of one tensor that holds the whole minibatch; L defaults to its padded length T."""
+        return cls(float(mask.sum()), float(mask.shape[0]), float(norm_length or mask.shape[-1]))
+
+
+def aggregate(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    norm_length: int | None = None,
+    totals: AggregationTotals | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar. With N = totals.tokens, S = totals.sequences and
+    L = totals.length (all of them counted over the whole minibatch, on every rank):
+
+    token-mean:               Σ_{i,t} l·m / N                       (every token weighs the same; DAPO)
+    seq-mean-token-mean:      Σ_i ( Σ_t l·m / Σ_t m ) / S           (every sequence weighs the same; GRPO paper)
+    seq-mean-token-sum:       Σ_{i,t} l·m / S
+    seq-mean-token-sum-norm:  Σ_{i,t} l·m / (S · L)                 (Dr.GRPO: a constant L)
+
+    Each form is a sum over rows divided by a constant of the minibatch, so the values of disjoint
+    parts of a minibatch (micro-batches, ranks) add up exactly to the value of the whole.
+    Without ``totals`` the rows given are the whole minibatch (L = ``norm_length``, default T).
     """
     mask = mask.to(loss.dtype)
+    if totals is None:
+        totals = AggregationTotals.of(mask, norm_length)
     if mode == "token-mean":
-        return masked_mean(loss, mask)
+        return masked_sum(loss, mask) / max(totals.tokens, 1.0)
     if mode == "seq-mean-token-mean":
-        return masked_mean(loss, mask, dim=-1).mean()
+        return (masked_sum(loss, mask, dim=-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(totals.sequences, 1.0)
     if mode == "seq-mean-token-sum":
-        return masked_sum(loss, mask, dim=-1).mean()
+        return masked_sum(loss, mask) / max(totals.sequences, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        length = norm_length if norm_length is not None else loss.shape[-1]
-        return masked_sum(loss, mask) / (loss.shape[0] * length)
-    raise KeyError(f"unknown loss aggregation {mode!r}; known: {list(AGGREGATIONS)}")
-
-
-def micro_batch_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, mode: str) -> float:
-    """Factor w such that Σ_micro w·aggregate(micro) == aggregate(minibatch) for ``mode``.
-
-    token-mean weighs by token count; the sequence-level modes by sequence count.
-    """
-    if mode == "token-mean":
-        return float(micro_mask.sum() / minibatch_mask.sum().clamp(min=1))
-    if mode in AGGREGATIONS:
-        return micro_mask.shape[0] / minibatch_mask.shape[0]
+        return masked_sum(loss, mask) / max(totals.sequences * totals.length, 1.0)
     raise KeyError(f"unknown loss aggregation {mode!r}; known: {list(AGGREGATIONS)}")

@@ -20,18 +20,25 @@ def token_level_rewards(
     step_rewards: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    length_penalty: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """r_t = score·[t = last valid token] + step_t − β·KL_t, zero on padding.
+    """r_t = score·[t = last valid token] − β·KL_t, zero on padding; with process rewards
+    r_t = step_t + penalty·[t = last valid token] − β·KL_t.
 
-    scores [B]; step_rewards [B, T] (process rewards placed on their tokens; when given, they replace
-    the last-token score); kl [B, T] per-token KL estimate for the in-reward penalty. -> [B, T].
+    scores [B] (any length penalty already included); step_rewards [B, T] (process rewards placed on
+    their tokens; when given they replace the last-token score, but not the length penalty, which
+    still lands on the last valid token); kl [B, T] per-token KL estimate for the in-reward penalty;
+    length_penalty [B] (e.g. DAPO's overlong punishment). -> [B, T].
     """
     mask = mask.to(torch.float32)
+    last = last_token_index(mask)[:, None]
     if step_rewards is not None:
         rewards = step_rewards.to(torch.float32).clone()
+        if length_penalty is not None:
+            rewards.scatter_add_(1, last, length_penalty.to(torch.float32)[:, None])
     else:
         rewards = torch.zeros_like(mask)
-        rewards.scatter_(1, last_token_index(mask)[:, None], scores.to(torch.float32)[:, None])
+        rewards.scatter_(1, last, scores.to(torch.float32)[:, None])
     if kl is not None and kl_coef:
         rewards = rewards - kl_coef * kl.to(torch.float32)
     return rewards * mask

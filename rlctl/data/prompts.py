@@ -12,10 +12,10 @@ _MAX_CHARS_PER_TOKEN = 256  # more characters than any tokenizer packs into one 
 
 @dataclass(frozen=True)
 class PromptFormat:
-    template: str = "{prompt}"  # applied to string prompts
+    prompt_template: str = "{prompt}"  # applied to string prompts
     system_prompt: str | None = None
     chat_template: bool = True
-    max_tokens: int = 512
+    max_prompt_tokens: int = 512
     overlong: str = "skip"  # skip | truncate
 
 
@@ -34,9 +34,9 @@ def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
     """The prompt as text, and whether it already holds the special tokens (from a chat template)."""
     if isinstance(example.prompt, str):
         try:
-            text = fmt.template.format(prompt=example.prompt)
+            text = fmt.prompt_template.format(prompt=example.prompt)
         except (KeyError, IndexError) as err:
-            raise RlctlError(f"data.prompt_template: {fmt.template!r} may only use {{prompt}} (got {err})") from None
+            raise RlctlError(f"data.prompt_template: {fmt.prompt_template!r} may only use {{prompt}} (got {err})") from None
         messages = [{"role": "user", "content": text}]
     else:
         text, messages = None, list(example.prompt)
@@ -58,15 +58,15 @@ def encode_prompts(examples: list[Example], fmt: PromptFormat, tokenizer) -> Pro
     kept, ids, skipped, truncated = [], [], 0, 0
     for example in examples:
         text, has_special = render(example, fmt, tokenizer)
-        if fmt.overlong == "skip" and len(text) > fmt.max_tokens * _MAX_CHARS_PER_TOKEN:
+        if fmt.overlong == "skip" and len(text) > fmt.max_prompt_tokens * _MAX_CHARS_PER_TOKEN:
             skipped += 1  # certainly too long: don't spend seconds tokenising a huge field
             continue
         tokens = tokenizer(text, add_special_tokens=not has_special)["input_ids"]
-        if len(tokens) > fmt.max_tokens:
+        if len(tokens) > fmt.max_prompt_tokens:
             if fmt.overlong == "skip":
                 skipped += 1
                 continue
-            tokens, truncated = tokens[-fmt.max_tokens :], truncated + 1
+            tokens, truncated = tokens[-fmt.max_prompt_tokens :], truncated + 1
         kept.append(example)
         ids.append(tokens)
     return PromptSet(kept, ids, skipped, truncated)

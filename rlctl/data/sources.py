@@ -29,8 +29,9 @@ class Example:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """The plain values a source needs; built from the ``data`` config by ``build``."""
+    """The plain values a source needs; filled from the ``data`` config group by field name."""
 
+    source: str = "arithmetic"
     path: str | None = None
     subset: str | None = None
     split: str = "train"

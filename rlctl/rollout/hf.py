@@ -15,11 +15,26 @@ from rlctl.batch import Batch
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """The ``rollout`` config group, filled by field name."""
+
+    backend: str = "hf"
     max_new_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 64  # sequences per generate call
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be ≥ 1"),
+            ("temperature", self.temperature >= 0, "must be ≥ 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be ≥ 0 (0 = off)"),
+            ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
+        )
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)}")
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

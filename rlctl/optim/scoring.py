@@ -43,3 +43,15 @@ def response_values(
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     values = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return values[:, -response_length - 1 : -1]
+
+
+def score_in_chunks(fn, model, batch, chunk_size: int, autocast) -> torch.Tensor:
+    """``fn(model, input_ids, attention_mask, response_length)`` over the batch ``chunk_size`` rows at a
+    time, without gradients, under ``autocast``; the chunks' [b, T] results concatenated to [B, T]."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, batch.size, chunk_size):
+            rows = slice(start, start + chunk_size)
+            with autocast():
+                out.append(fn(model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length))
+    return torch.cat(out)

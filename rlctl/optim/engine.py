@@ -19,14 +19,36 @@ from rlctl.errors import RlctlError
 
 @dataclass(frozen=True)
 class OptimSpec:
+    """The ``optim`` config group (filled by field name) and the number of updates the run makes."""
+
     lr: float
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] | list[float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
     schedule: str = "constant"  # constant | linear | cosine, after warm-up
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 = no clipping
+    minibatch_size: int = 0  # samples per optimiser update (0 = the step's batch); read by the batch layout
+    micro_batch_size: int = 32  # samples per forward/backward; read by the batch layout
     total_updates: int = 1
+
+    def __post_init__(self) -> None:
+        betas = tuple(self.betas)
+        checks = (
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
+            ("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "must be two numbers in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be ≥ 0"),
+            ("eps", self.eps > 0, "must be > 0"),
+            ("schedule", self.schedule in SCHEDULES, f"unknown schedule; known: {sorted(SCHEDULES)}"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be ≥ 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "must be ≥ 0 (0 = no clipping)"),
+            ("minibatch_size", self.minibatch_size >= 0, "must be ≥ 0 (0 = the step's whole batch)"),
+            ("micro_batch_size", self.micro_batch_size >= 1, "must be ≥ 1"),
+        )  # fmt: skip
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)!r}")
+        object.__setattr__(self, "betas", betas)
 
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -34,11 +56,7 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 
 def adamw_with_schedule(model: torch.nn.Module, spec: OptimSpec, on_cpu: bool = False):
     """AdamW over the trainable parameters (DeepSpeed's CPU Adam when the optimiser is offloaded)
-    and the warm-up + decay schedule, both from ``spec``; validates the values a user may get wrong."""
-    if spec.lr <= 0 or not math.isfinite(spec.lr):
-        raise RlctlError(f"optim.lr: must be a positive number, got {spec.lr}")
-    if spec.schedule not in SCHEDULES:
-        raise RlctlError(f"optim.schedule: unknown schedule {spec.schedule!r}; known: {sorted(SCHEDULES)}")
+    and the warm-up + decay schedule, both from ``spec`` (checked when the spec was made)."""
     params = [p for p in model.parameters() if p.requires_grad]
     hyper = {"lr": spec.lr, "betas": spec.betas, "eps": spec.eps, "weight_decay": spec.weight_decay}
     if on_cpu:
@@ -53,14 +71,19 @@ def adamw_with_schedule(model: torch.nn.Module, spec: OptimSpec, on_cpu: bool = 
     return optimizer, scheduler
 
 
+PRECISIONS = ("no", "bf16", "fp16")
+
+
 def make_accelerator(precision: str) -> Accelerator:
-    if precision not in ("no", "bf16", "fp16"):
+    if precision not in PRECISIONS:
         raise RlctlError(f"engine.precision: must be one of no | bf16 | fp16, got {precision!r}")
     return Accelerator(mixed_precision=precision)
 
 
 class Engine:
     """Wraps one trainable model: AdamW, a warm-up + decay schedule, gradient clipping."""
+
+    world_size = 1  # one process: the loss given to backward is the whole minibatch's
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, spec: OptimSpec):
         self.accelerator, self.spec = accelerator, spec
@@ -72,6 +95,7 @@ class Engine:
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss``, this micro-batch's share of the minibatch loss."""
         self.accelerator.backward(loss)
 
     def step(self) -> float:
@@ -123,15 +147,23 @@ class Engine:
 
 @dataclass(frozen=True)
 class ZeroSpec:
-    """The DeepSpeed settings rlctl derives from the trainer config (never repeated by hand)."""
+    """The ``deepspeed`` config group (filled by field name) and what rlctl derives for DeepSpeed
+    from the other groups (never repeated by hand)."""
 
+    enabled: bool  # train under DeepSpeed (else the plain engine)
     stage: int  # ZeRO stage 0 (data parallel), 1 (optimiser state), 2 (+ gradients), 3 (+ parameters)
-    precision: str  # no | bf16 | fp16
+    offload_optimizer: bool
+    offload_params: bool
+    precision: str  # no | bf16 | fp16 (engine.precision)
     micro_batch_size: int  # samples per forward/backward on one rank
     accumulation_steps: int  # micro-batches per optimiser update on one rank
     world_size: int
-    offload_optimizer: bool = False
-    offload_params: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage: ZeRO stages are 0, 1, 2 and 3, got {self.stage}")
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params: parameters can be offloaded only under ZeRO-3 (deepspeed.stage=3)")
 
 
 def deepspeed_config(spec: OptimSpec, zero: ZeroSpec, trainable: bool = True) -> dict:
@@ -179,8 +211,15 @@ class DeepSpeedEngine:
     def autocast(self):
         return contextlib.nullcontext()
 
+    @property
+    def world_size(self) -> int:
+        return self.zero.world_size
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.model.backward(loss, scale_wrt_gas=False)  # the trainer already weighs each micro-batch
+        """``loss`` is this rank's micro-batch share of the minibatch loss over ALL ranks, so the
+        minibatch gradient is the SUM of the ranks' gradients; DeepSpeed averages them over the
+        ranks, hence the factor world_size. Accumulation is ours too (no division by its steps)."""
+        self.model.backward(loss * self.zero.world_size, scale_wrt_gas=False)
 
     def step(self) -> float:
         """Reduce gradients across ranks, clip, update, step the schedule; the global gradient norm."""
