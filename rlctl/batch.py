@@ -64,8 +64,16 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     response_width = max(b.response_length for b in batches)
     parts: dict[str, list] = {
         k: []
-        for k in ("input_ids", "attention_mask", "response_mask", "group_ids", "scores", "correct", "length_penalty",
-                  "step_rewards")
+        for k in (
+            "input_ids",
+            "attention_mask",
+            "response_mask",
+            "group_ids",
+            "scores",
+            "correct",
+            "length_penalty",
+            "step_rewards",
+        )
     }
     offset = 0
     for b in batches:

@@ -20,7 +20,7 @@ from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import SOURCES, SourceSpec
 from rlctl.distributed import Ranks, init_process_group, launched_ranks
 from rlctl.errors import RlctlError
-from rlctl.evaluate import Evaluator, EvalSpec
+from rlctl.evaluate import EvalSpec, Evaluator
 from rlctl.logging import ConsoleSink, JsonlSink, Loggers, LogSpec, WandbSink
 from rlctl.optim.engine import (
     PRECISIONS,

@@ -61,6 +61,8 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     eval_before: dict | None = None
+
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

@@ -56,7 +56,9 @@ def dry_run(cfg, run_dir: Path) -> None:
     started = time.perf_counter()
     settings = read_train_settings(cfg)
     made_by_hydra = {".hydra", "train.log"}  # Hydra made the folder (and an empty log) for a run that will not happen
-    if run_dir.is_dir() and all(p.name in made_by_hydra and (p.is_dir() or p.stat().st_size == 0) for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(
+        p.name in made_by_hydra and (p.is_dir() or p.stat().st_size == 0) for p in run_dir.iterdir()
+    ):
         shutil.rmtree(run_dir)
     algo = settings.algo
     parts = [f"algo {algo.name} (advantage {algo.advantage}, loss {algo.policy_loss}, aggregation {algo.loss_agg})",

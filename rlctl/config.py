@@ -28,14 +28,18 @@ class AlgoConfig:
     clip_high: float = 0.2  # ratio upper bound is 1 + clip_high (DAPO's clip-higher raises it)
     dual_clip: float | None = None  # ppo_clip: bound the loss at −c·A for A < 0 (c > 1, e.g. 3); None = off
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    norm_by_max_new_tokens: bool = False  # seq-mean-token-sum-norm: L = rollout.max_new_tokens (Dr.GRPO), else the minibatch's longest response
+    norm_by_max_new_tokens: bool = (
+        False  # seq-mean-token-sum-norm: L = rollout.max_new_tokens (Dr.GRPO), else the minibatch's longest response
+    )
     kl_coef: float = 0.0  # β of the KL(π‖π_ref) term (initial β when adaptive); 0 with no target loads no reference
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_placement: str = "in_loss"  # in_loss (GRPO) | in_reward (PPO: r_t −= β·KL_t)
     kl_target: float | None = None  # adaptive β: per-token KL to aim for; None = fixed β
     kl_horizon: int = 10000  # adaptive β: samples over which β may change by at most ±20%
     entropy_coef: float = 0.0  # bonus on the policy's entropy (0 = off)
-    num_iterations: int = 1  # passes over each step's samples (μ); the ratio is to the sampling policy's stored log-probs
+    num_iterations: int = (
+        1  # passes over each step's samples (μ); the ratio is to the sampling policy's stored log-probs
+    )
     gamma: float = 1.0  # discount over response tokens (gae, reinforce_pp)
     lam: float = 0.95  # gae: λ, the bias/variance trade-off (0 = one-step TD, 1 = Monte Carlo)
     value_loss: str = "clipped_mse"  # critic loss: clipped_mse

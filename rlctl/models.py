@@ -85,7 +85,9 @@ def check_path(path: str, key: str = "model.path") -> None:
     model, or a local folder that does not exist. Loads nothing (hub ids are checked on load)."""
     if path.startswith(EMBEDDED_PREFIX):
         if path[len(EMBEDDED_PREFIX) :] not in EMBEDDED:
-            raise RlctlError(f"{key}: unknown embedded model {path!r}; known: {[EMBEDDED_PREFIX + n for n in EMBEDDED]}")
+            raise RlctlError(
+                f"{key}: unknown embedded model {path!r}; known: {[EMBEDDED_PREFIX + n for n in EMBEDDED]}"
+            )
         return
     if path.startswith(RANDOM_PREFIX):
         if path[len(RANDOM_PREFIX) :] != "tiny":

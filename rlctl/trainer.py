@@ -10,6 +10,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -225,10 +226,10 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
         totals = algo.totals(*minibatch_counts(minibatch.response_mask))
         stats: dict[str, float] = {}
         if train_policy:
-            norm, stats = update(s.policy, minibatch, micro_size, lambda m: policy_loss(m, totals))
+            norm, stats = update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals))
             grad_norms.append(norm)
         if s.critic is not None:
-            norm, critic_stats = update(s.critic, minibatch, micro_size, lambda m: critic_loss(m, totals))
+            norm, critic_stats = update(s.critic, minibatch, micro_size, partial(critic_loss, totals=totals))
             critic_grad_norms.append(norm)
             stats.update(critic_stats)
         for key, value in stats.items():

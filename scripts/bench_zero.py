@@ -41,8 +41,8 @@ def child(model_path: str, stage: int, out: str) -> None:
     import torch.distributed as dist
 
     from rlctl.distributed import init_process_group, launched_ranks
-    from rlctl.optim.engine import DeepSpeedEngine, OptimSpec, ZeroSpec
     from rlctl.models import load_causal_lm, load_tokenizer
+    from rlctl.optim.engine import DeepSpeedEngine, OptimSpec, ZeroSpec
 
     ranks = launched_ranks()
     init_process_group(ranks, even_alone=True)

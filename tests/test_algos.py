@@ -51,7 +51,11 @@ def test_a_token_mean_over_two_parts_is_one_mean_over_all_tokens_not_a_mean_of_m
     assert (share_a + share_b).item() == pytest.approx(1.0)
     # seq-mean-token-mean: sequence means 4 and 0 over S = 2 sequences -> 2; seq-mean-token-sum the same;
     # seq-mean-token-sum-norm: token sums 4 + 0 over S·L = 2·3 -> 2/3.
-    for mode, expected in (("seq-mean-token-mean", 2.0), ("seq-mean-token-sum", 2.0), ("seq-mean-token-sum-norm", 4 / 6)):
+    for mode, expected in (
+        ("seq-mean-token-mean", 2.0),
+        ("seq-mean-token-sum", 2.0),
+        ("seq-mean-token-sum-norm", 4 / 6),
+    ):
         parts = ops.aggregate(loss_a, mask_a, mode, totals=totals) + ops.aggregate(loss_b, mask_b, mode, totals=totals)
         assert parts.item() == pytest.approx(expected), mode
 
@@ -244,7 +248,9 @@ def test_algorithm_adds_the_kl_term_with_its_coefficient():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match=r"^advantage: .* known: \['gae', 'grpo', 'reinforce', 'reinforce_pp', 'rloo'\]"):
+    with pytest.raises(
+        ValueError, match=r"^advantage: .* known: \['gae', 'grpo', 'reinforce', 'reinforce_pp', 'rloo'\]"
+    ):
         Algorithm(advantage="ppo2")
     with pytest.raises(ValueError, match="^policy_loss: .*ppo_clip"):
         Algorithm(policy_loss="nope")

@@ -130,6 +130,11 @@ def test_the_run_ends_with_curves_and_a_model_card(smoke_run):
         (["optim.lr=-1"], "optim.lr: must be a positive number"),
         (["optim.minibatch_size=3"], "optim.minibatch_size: 3 does not divide"),
         (["deepspeed=zero2", "deepspeed.stage=5"], "deepspeed.stage: ZeRO stages are 0, 1, 2 and 3, got 5"),
+        (["algo.dual_clip=0.5"], "algo.dual_clip: must be > 1"),
+        (["algo.kl_target=-1"], "algo.kl_target: must be > 0"),
+        (["algo=ppo", "critic.path=/nope"], "critic.path: no such folder: /nope"),
+        (["rollout.max_new_tokens=0"], "rollout.max_new_tokens: must be ≥ 1, got 0"),
+        (["eval.n_samples=2", "eval.pass_k=[4]"], "eval.pass_k: every k must be between 1 and eval.n_samples=2"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_no_traceback(overrides, message, tmp_path):
@@ -137,6 +142,48 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(overrides, message, tmp_
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, updates",
+    [
+        ([], 1),
+        (["recipe=gsm8k-grpo-qwen1.5b"], 2),
+        (["recipe=smoke", "optim.minibatch_size=4", "algo.num_iterations=2"], 4),
+    ],
+)
+def test_dry_run_prints_the_batch_layout_without_loading_a_model(tmp_path, overrides, updates):
+    # The GSM8K recipe names Qwen2.5-1.5B, which cannot be downloaded here: a dry run that loaded
+    # weights would fail. 32 prompts × 8 = 256 samples in minibatches of 128: 2 updates.
+    result = rlctl("train", "dry_run=true", *overrides, cwd=tmp_path)
+    assert f"optimiser updates per step: {updates}" in result.stdout
+    for line in ("prompts per step:", "samples per step:", "minibatches:", "micro-batches:", "largest micro-batch:"):
+        assert line in result.stdout
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder
+
+
+def test_config_errors_come_before_any_model_loads(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from rlctl import models
+    from rlctl.build import build_train
+    from rlctl.cli import CONF_DIR
+    from rlctl.config import register_schemas
+    from rlctl.errors import RlctlError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_loading)
+    monkeypatch.setattr(models, "load_tokenizer", no_loading)
+    monkeypatch.setattr(models, "load_value_model", no_loading)
+    register_schemas()
+    for overrides, message in ((["algo.dual_clip=0.5"], "algo.dual_clip"), (["algo.kl_target=-1"], "algo.kl_target"),
+                               (["algo=ppo", "critic.path=/nope"], "critic.path"), (["optim.schedule=cosin"], "optim.schedule")):  # fmt: skip
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose("train", overrides=["recipe=smoke", "logger.console=false", *overrides])
+        with pytest.raises(RlctlError, match=f"^{message}: "):
+            build_train(cfg, tmp_path)
 
 
 def test_a_row_without_the_prompt_field_is_named(tmp_path):

@@ -64,3 +64,92 @@ def test_every_recipe_composes_and_has_a_description():
     for name, description in list_recipes():
         assert description, f"recipes/{name}.yaml needs a one-line description comment"
         compose_train(f"recipe={name}")
+
+
+# --- one source for each setting ----------------------------------------------------------------------
+
+
+def test_fill_refuses_a_group_key_no_object_reads_and_a_field_no_key_gives():
+    from dataclasses import dataclass
+
+    from rlctl.config import fill
+
+    @dataclass(frozen=True)
+    class Target:
+        a: int
+        b: int
+
+    assert fill("g", {"a": 1, "b": 2}, Target) == Target(1, 2)
+    assert fill("g", {"a": 1}, Target, b=5) == Target(1, 5)  # b derived from another group
+    with pytest.raises(TypeError, match=r"'g' keys \['c'\]"):
+        fill("g", {"a": 1, "b": 2, "c": 3}, Target)  # a new schema key nobody reads
+    with pytest.raises(TypeError, match=r"fields \['b'\]"):
+        fill("g", {"a": 1}, Target)  # a field the config does not provide
+    with pytest.raises(TypeError, match=r"derived values \['z'\]"):
+        fill("g", {"a": 1, "b": 2}, Target, z=0)
+
+
+class Recorder:
+    """A read-only view of a config node that records the dotted path of every key read."""
+
+    def __init__(self, node, path: str, seen: set):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_seen", seen)
+
+    def _wrap(self, key, value):
+        from omegaconf import DictConfig, ListConfig
+
+        path = f"{self._path}.{key}" if self._path else str(key)
+        self._seen.add(path)
+        if isinstance(value, DictConfig):
+            return Recorder(value, path, self._seen)
+        if isinstance(value, ListConfig):  # list items: record their keys without the index
+            return [Recorder(v, path, self._seen) if isinstance(v, DictConfig) else v for v in value]
+        return value
+
+    def __getattr__(self, key):
+        return self._wrap(key, getattr(self._node, key))
+
+    def __getitem__(self, key):
+        return self._wrap(key, self._node[key])
+
+    def keys(self):
+        return self._node.keys()
+
+
+def schema_keys(cls, prefix: str = "") -> set[str]:
+    import dataclasses
+    import typing
+
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        element = args[0] if typing.get_origin(kind) is list and args else None
+        if dataclasses.is_dataclass(kind):
+            keys |= schema_keys(kind, f"{prefix}{f.name}.")
+        elif element is not None and dataclasses.is_dataclass(element):
+            keys |= schema_keys(element, f"{prefix}{f.name}.")
+        else:
+            keys.add(f"{prefix}{f.name}")
+    return keys
+
+
+def test_every_schema_key_is_read_when_a_run_is_built(tmp_path):
+    # build_train reads the config once, before the loop: every key of the schema must be read by
+    # it, directly or through config.fill (which passes each group key to the object that uses it).
+    from rlctl.build import build_train
+    from rlctl.config import TrainConfig
+
+    cfg = compose_train("recipe=smoke", "logger.console=false")
+    seen: set[str] = set()
+    build_train(Recorder(cfg, "", seen), tmp_path)
+    read_elsewhere = {
+        "dry_run",  # cli.run_train, before building (tested in test_cli)
+        "model.name",  # the run folder's name (hydra.run.dir in conf/train.yaml) and the model card
+    }
+    assert "model.name" in (CONF_DIR / "train.yaml").read_text().replace("${model.name}", "model.name")
+    unread = schema_keys(TrainConfig) - seen - read_elsewhere
+    assert not unread, f"schema keys that nothing reads: {sorted(unread)}"

@@ -194,3 +194,44 @@ def test_ppo_gae_advantages_are_whitened_over_valid_tokens():
     assert valid.mean().abs().item() < 1e-6 and valid.std().item() == pytest.approx(1.0, rel=1e-4)
     assert returns.flatten().tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     assert algo.needs_values and not Algorithm().needs_values
+
+
+def test_the_overlong_penalty_lands_on_the_last_token_beside_step_rewards():
+    # Steps reward tokens 1 and 3 with 0.2 and 1.0; the response is 4 of 6 tokens long and the
+    # overlong penalty is −0.5. Step rewards replace the last-token score, but not the penalty:
+    # r = [0, 0.2, 0, 1.0 − 0.5, 0, 0].
+    step_rewards = torch.tensor([[0.0, 0.2, 0.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    rewards = shaping.token_level_rewards(
+        torch.tensor([0.7]), mask, step_rewards=step_rewards, length_penalty=torch.tensor([-0.5])
+    )
+    assert rewards.flatten().tolist() == pytest.approx([0.0, 0.2, 0.0, 0.5, 0.0, 0.0])
+    # Through the algorithm: buffer 4 of max 8 tokens, length 6 -> penalty (4 − 6) / 4 = −0.5.
+    algo = Algorithm(advantage="gae", group_size=1, overlong_buffer=4, max_new_tokens=8)
+    penalty = algo.length_penalty(torch.tensor([6.0]))
+    assert penalty.tolist() == [-0.5]
+    mask8 = torch.tensor([[1.0] * 6 + [0.0] * 2])
+    steps8 = torch.zeros(1, 8)
+    steps8[0, 2] = 1.0
+    rewards = algo.token_rewards(torch.tensor([1.0 - 0.5]), mask8, steps8, None, None, 0.0, penalty)
+    assert rewards.flatten().tolist() == pytest.approx([0, 0, 1.0, 0, 0, -0.5, 0, 0])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("dual_clip", 0.5, "dual_clip: must be > 1"), ("dual_clip", 1.0, "dual_clip: must be > 1"),
+     ("kl_target", -1.0, "kl_target: must be > 0"), ("kl_target", 0.0, "kl_target: must be > 0"),
+     ("kl_horizon", 0, "kl_horizon: must be > 0"), ("clip_low", 1.0, "clip_low: must be in [0, 1)"),
+     ("lam", 1.5, "lam: must be in [0, 1]"), ("num_iterations", 0, "num_iterations: must be ≥ 1")],
+)  # fmt: skip
+def test_the_algorithm_refuses_values_outside_their_range_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        Algorithm(**{field: value})
+
+
+def test_old_logprobs_are_needed_whenever_a_step_makes_more_than_one_update():
+    grpo = Algorithm()
+    assert not grpo.needs_old_logprobs(updates_per_step=1)  # the sampling policy is the one being trained
+    assert grpo.needs_old_logprobs(updates_per_step=2)  # e.g. 2 minibatches × 1 iteration
+    ppo = Algorithm(advantage="gae", group_size=1, kl_coef=0.05, kl_placement="in_reward")
+    assert ppo.needs_old_logprobs(updates_per_step=1)  # the KL in the reward is measured on the sampling policy

@@ -2,9 +2,9 @@
 
 import torch
 
+from rlctl.optim.scoring import response_logprobs
 from rlctl.rollout import HFRollout, SamplingParams
 from rlctl.rollout.hf import left_pad, response_mask_until_eos
-from rlctl.optim.scoring import response_logprobs
 
 
 def test_left_pad_aligns_prompts_on_the_right():

@@ -184,7 +184,9 @@ class Algorithm:
 
     def length_penalty(self, response_lengths: torch.Tensor) -> torch.Tensor:
         """DAPO's overlong punishment added to each score (zero unless overlong_buffer > 0). [B] -> [B]."""
-        return shaping.overlong_penalty(response_lengths, self.max_new_tokens, self.overlong_buffer, self.overlong_penalty)
+        return shaping.overlong_penalty(
+            response_lengths, self.max_new_tokens, self.overlong_buffer, self.overlong_penalty
+        )
 
     def token_rewards(
         self,

@@ -36,7 +36,9 @@ def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
         try:
             text = fmt.prompt_template.format(prompt=example.prompt)
         except (KeyError, IndexError) as err:
-            raise RlctlError(f"data.prompt_template: {fmt.prompt_template!r} may only use {{prompt}} (got {err})") from None
+            raise RlctlError(
+                f"data.prompt_template: {fmt.prompt_template!r} may only use {{prompt}} (got {err})"
+            ) from None
         messages = [{"role": "user", "content": text}]
     else:
         text, messages = None, list(example.prompt)

@@ -1,0 +1,105 @@
+"""The optimisation stage under every batch layout a user can configure, on the tiny model in-process:
+each layout must train exactly like the simple one (one minibatch, one micro-batch). The 2-rank
+layouts run under DeepSpeed in test_deepspeed.py."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from rlctl.algos import POLICY_LOSSES, ops
+from rlctl.batch import Batch
+from rlctl.build import build_train
+from rlctl.checkpoint import TrainState
+from rlctl.cli import CONF_DIR
+from rlctl.config import register_schemas
+from rlctl.trainer import _optimise, train_step
+
+
+def build(tmp_path, *overrides):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("train", overrides=["recipe=smoke", "logger.console=false", "engine.precision=no", *overrides])
+    return build_train(cfg, tmp_path)
+
+
+def test_every_update_after_the_first_is_clipped_against_the_stored_log_probs(tmp_path, monkeypatch):
+    # 2 prompts × 4 completions = 8 samples, minibatch 4, one iteration: 2 updates per step. The
+    # second minibatch was sampled by the policy before the first update; at lr 0.05 that update
+    # moves the tiny model far, so the ratio π/π_old of the second minibatch must be far from 1.
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(completion, answer):\n    return float(len(completion) % 2)\n")
+    stages = build(tmp_path / "run", "optim.minibatch_size=4", "optim.micro_batch_size=4", "optim.lr=5e-2",
+                   "algo.kl_coef=0", f"reward.fn={reward}:score")  # fmt: skip
+    assert stages.layout.updates_per_step == 2
+    ratios = []
+    real = POLICY_LOSSES.get("ppo_clip")
+
+    def spy(logp, old_logp, advantages, mask, **kwargs):
+        ratios.append(torch.exp(logp - old_logp).detach()[mask.bool()])
+        return real(logp, old_logp, advantages, mask, **kwargs)
+
+    monkeypatch.setitem(POLICY_LOSSES._table, "ppo_clip", spy)
+    torch.manual_seed(0)
+    metrics = train_step(stages, TrainState(step=1))
+    assert metrics["advantages/std"] > 0 and metrics["optim/updates"] == 2
+    first, second = ratios  # one micro-batch per minibatch
+    assert (first - 1).abs().max() < 1e-4  # nothing has moved yet: π = π_old
+    assert (second - 1).abs().max() > 0.1, second  # stale samples: the true ratio, not a forced 1
+    assert metrics["clip_frac"] > 0 and metrics["approx_kl"] > 0, metrics
+
+
+def hand_made_batch(advantages_seed: int = 1) -> Batch:
+    """8 rows: prompts of 5 tokens, responses of unequal length (1 to 6 of T = 6 tokens)."""
+    generator = torch.Generator().manual_seed(advantages_seed)
+    lengths = [6, 1, 3, 6, 2, 5, 4, 6]
+    mask = torch.zeros(8, 6)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    ids = torch.randint(10, 2000, (8, 11), generator=generator)
+    return Batch(
+        input_ids=ids, attention_mask=torch.cat([torch.ones(8, 5, dtype=torch.long), mask.long()], dim=1),
+        response_mask=mask, group_ids=torch.arange(8) // 4, prompts=[""] * 8, completions=[""] * 8, answers=[""] * 8,
+        advantages=torch.randn(8, generator=generator), ref_logprobs=-11.0 + torch.rand(8, 6, generator=generator),  # near the tiny model's log(1/49152)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("agg", ops.AGGREGATIONS)
+def test_micro_batch_splits_give_the_same_update_as_one_micro_batch_for_every_aggregation(tmp_path, agg):
+    # Adam's first step is lr·g / (|g| + ε) per weight; with lr = 1e6 and ε = 1e4 that is about 100·g
+    # (|g| here is far below ε), so equal updates mean equal gradients, scale included, and the update
+    # dwarfs the weights' own rounding. Clipping is off. KL and entropy terms use the same aggregation.
+    common = ["optim.lr=1e6", "optim.eps=1e4", "optim.max_grad_norm=0", f"algo.loss_agg={agg}", "algo.kl_coef=0.1",
+              "algo.entropy_coef=0.01"]  # fmt: skip
+    results = {}
+    for micro in (8, 3, 1):  # one micro-batch; 3 + 3 + 2 rows; one row each
+        stages = build(tmp_path / str(micro), f"optim.micro_batch_size={micro}", *common)
+        torch.manual_seed(0)
+        metrics = _optimise(stages, hand_made_batch(), kl_coef=0.1, train_policy=True)
+        weights = {k: v.detach().clone() for k, v in stages.policy.unwrapped().state_dict().items()}
+        results[micro] = (metrics, weights)
+    (simple, simple_weights) = results[8]
+    for micro in (3, 1):
+        metrics, weights = results[micro]
+        assert metrics["grad_norm"] == pytest.approx(simple["grad_norm"], rel=1e-5), micro
+        assert metrics["loss/total"] == pytest.approx(simple["loss/total"], rel=1e-5), micro
+        assert worst_relative_difference(weights, simple_weights, stages.policy.unwrapped()) < 1e-5, micro
+
+
+def worst_relative_difference(weights: dict, reference: dict, model) -> float:
+    """max over tensors of max|w − w_ref| / max|w_ref − w_init|: fp32 summation order gives ~1e-7; a
+    wrongly weighted micro-batch or rank gives ~1e-1."""
+    from rlctl.models import load_causal_lm, load_tokenizer
+
+    initial = load_causal_lm("random:tiny", load_tokenizer("random:tiny"), seed=0).state_dict()
+    return max(
+        (weights[k] - reference[k]).abs().max().item() / max((reference[k] - initial[k]).abs().max().item(), 1e-12)
+        for k in weights
+    )
+
+
+def test_several_minibatches_and_iterations_make_one_update_each(tmp_path):
+    stages = build(tmp_path, "optim.minibatch_size=2", "algo.num_iterations=3", "algo.kl_coef=0")
+    # 8 samples in minibatches of 2: 4 updates per pass, 3 passes.
+    assert stages.layout.updates_per_step == 12 and stages.layout.minibatches_per_step == 4
+    metrics = train_step(stages, TrainState(step=1))
+    assert metrics["optim/updates"] == 12
