@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from rlctl.algos import ops
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -102,3 +104,38 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
     tensors = {k: (torch.cat(v) if all(t is not None for t in v) else None) for k, v in parts.items()}
     lists = {k: [x for b in batches for x in getattr(b, k)] for k in ("prompts", "completions", "answers")}
     return Batch(**tensors, **lists)
+
+
+def scored_batch_metrics(batch: Batch) -> dict[str, float]:
+    """What a practitioner reads of a scored batch: rewards, accuracy, lengths, advantages, and for a
+    critic its values and explained variance."""
+    mask = batch.response_mask
+    adv_mask = mask if batch.advantages.ndim == 2 else torch.ones_like(batch.advantages)
+    metrics = {
+        "reward/mean": float(batch.scores.mean()),
+        "reward/std": float(batch.scores.std()) if batch.size > 1 else 0.0,
+        "accuracy": float(batch.correct.float().mean()),
+        "response_len/mean": float(mask.sum(1).mean()),
+        "response_len/clipped_frac": float((mask[:, -1] > 0).float().mean()),
+        "advantages/mean": float(ops.masked_mean(batch.advantages, adv_mask)),
+        "advantages/std": float(ops.masked_var(batch.advantages, adv_mask).sqrt()),
+    }
+    if batch.values is not None:
+        residual_var = ops.masked_var(batch.returns - batch.values, mask)
+        metrics["value/mean"] = float(ops.masked_mean(batch.values, mask))
+        metrics["returns/mean"] = float(ops.masked_mean(batch.returns, mask))
+        # 1 − Var(R − V) / Var(R): 1 is a perfect critic, ≤ 0 no better than predicting the mean.
+        metrics["value/explained_variance"] = float(
+            1 - residual_var / ops.masked_var(batch.returns, mask).clamp(min=1e-8)
+        )
+    return metrics
+
+
+def sample_rows(batch: Batch, count: int) -> list[dict]:
+    """``count`` rows spread over the batch, for sample tables."""
+    stride = max(1, batch.size // max(1, count))
+    return [
+        {"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i],
+         "reward": float(batch.scores[i])}
+        for i in range(0, batch.size, stride)[:count]
+    ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,19 @@ class Evaluator:
                 torch.tensor([pass_at_k(self.n_samples, c, k) for c in correct_per_prompt]).mean()
             )
         return metrics
+
+
+def evaluate_and_log(evaluator: Evaluator | None, policy, logger, step: int, label: str) -> dict[str, float]:
+    """Evaluate the policy engine's model (gathered under ZeRO-3), log the results as ``eval/*``."""
+    if evaluator is None:
+        return {}
+    start = time.perf_counter()
+    with policy.generation_context():
+        results = evaluator(policy.unwrapped())
+    results["time_s"] = time.perf_counter() - start
+    logger.metrics({f"eval/{k}": v for k, v in results.items()}, step)
+    logger.message(
+        f"[bold]eval {label}:[/bold] accuracy {results['accuracy']:.3f}  reward {results['reward_mean']:.3f}  "
+        f"({results['n_prompts']} held-out prompts, {results['time_s']:.1f}s)"
+    )
+    return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,3 +148,16 @@ class Loggers:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+class Timer:
+    """Seconds spent in named sections of a step: ``with timer("rollout"): ...`` -> ``time/rollout_s``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[f"time/{name}_s"] = self.seconds.get(f"time/{name}_s", 0.0) + time.perf_counter() - start

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,13 +14,21 @@ from pathlib import Path
 import torch
 
 from rlctl.algos import AdvantageInputs, Algorithm, ops, shaping
-from rlctl.batch import Batch, concat
-from rlctl.checkpoint import CheckpointPolicy, TrainState, export_final, latest_checkpoint, restore, save_resumable
+from rlctl.batch import Batch, concat, sample_rows, scored_batch_metrics
+from rlctl.checkpoint import (
+    CheckpointPolicy,
+    StopRequest,
+    TrainState,
+    export_final,
+    latest_checkpoint,
+    restore,
+    save_resumable,
+)
 from rlctl.data import PromptSampler, PromptSet
 from rlctl.distributed import Ranks, any_rank, mean_over_ranks
 from rlctl.errors import RlctlError
-from rlctl.evaluate import Evaluator
-from rlctl.logging import Loggers
+from rlctl.evaluate import Evaluator, evaluate_and_log
+from rlctl.logging import Loggers, Timer
 from rlctl.optim.engine import Engine
 from rlctl.optim.layout import BatchLayout
 from rlctl.optim.scoring import response_logprobs, response_values, score_in_chunks
@@ -61,17 +67,6 @@ class Stages:
     model_path: str = ""  # what the policy was initialised from; a checkpoint must match it to resume
     resume_from: Path | None = None  # a checkpoint whose weights build already loaded
     resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
-
-
-class Timer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[f"time/{name}_s"] = self.seconds.get(f"time/{name}_s", 0.0) + time.perf_counter() - start
 
 
 def train_step(s: Stages, state: TrainState) -> dict[str, float]:
@@ -113,7 +108,7 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
         state.kl_coef = algo.next_kl_coef(state.kl_coef, measured, batch.size * s.ranks.world_size)
 
     metrics = {
-        **_batch_metrics(batch),
+        **scored_batch_metrics(batch),
         **sampling_metrics,
         **update_metrics,
         "kl_coef": kl_coef_used,
@@ -124,7 +119,7 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     metrics["time/step_s"] = sum(timer.seconds.values())
     metrics["throughput/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["time/step_s"]
     if s.sample_every and (state.step - 1) % s.sample_every == 0:
-        s.logger.samples(_sample_rows(batch, s.samples_shown), state.step)
+        s.logger.samples(sample_rows(batch, s.samples_shown), state.step)
     return metrics
 
 
@@ -245,78 +240,6 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
     return metrics
 
 
-def _batch_metrics(batch: Batch) -> dict[str, float]:
-    mask = batch.response_mask
-    adv_mask = mask if batch.advantages.ndim == 2 else torch.ones_like(batch.advantages)
-    metrics = {
-        "reward/mean": float(batch.scores.mean()),
-        "reward/std": float(batch.scores.std()) if batch.size > 1 else 0.0,
-        "accuracy": float(batch.correct.float().mean()),
-        "response_len/mean": float(mask.sum(1).mean()),
-        "response_len/clipped_frac": float((mask[:, -1] > 0).float().mean()),
-        "advantages/mean": float(ops.masked_mean(batch.advantages, adv_mask)),
-        "advantages/std": float(ops.masked_var(batch.advantages, adv_mask).sqrt()),
-    }
-    if batch.values is not None:
-        residual_var = ops.masked_var(batch.returns - batch.values, mask)
-        metrics["value/mean"] = float(ops.masked_mean(batch.values, mask))
-        metrics["returns/mean"] = float(ops.masked_mean(batch.returns, mask))
-        # 1 − Var(R − V) / Var(R): 1 is a perfect critic, ≤ 0 no better than predicting the mean.
-        metrics["value/explained_variance"] = float(
-            1 - residual_var / ops.masked_var(batch.returns, mask).clamp(min=1e-8)
-        )
-    return metrics
-
-
-def _sample_rows(batch: Batch, count: int) -> list[dict]:
-    stride = max(1, batch.size // max(1, count))
-    return [
-        {"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i],
-         "reward": float(batch.scores[i])}
-        for i in range(0, batch.size, stride)[:count]
-    ]  # fmt: skip
-
-
-def evaluate_and_log(s: Stages, step: int, label: str) -> dict[str, float]:
-    if s.evaluator is None:
-        return {}
-    start = time.perf_counter()
-    with s.policy.generation_context():
-        results = s.evaluator(s.policy.unwrapped())
-    results["time_s"] = time.perf_counter() - start
-    s.logger.metrics({f"eval/{k}": v for k, v in results.items()}, step)
-    s.logger.message(
-        f"[bold]eval {label}:[/bold] accuracy {results['accuracy']:.3f}  reward {results['reward_mean']:.3f}  "
-        f"({results['n_prompts']} held-out prompts, {results['time_s']:.1f}s)"
-    )
-    return results
-
-
-class StopRequest:
-    """SIGTERM or Ctrl-C ask the loop to stop after the current step (a second Ctrl-C stops at once)."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under some launchers): no graceful stop
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train(s: Stages) -> dict:
     """Evaluate, run the steps (checkpointing, stopping cleanly on SIGTERM/Ctrl-C), evaluate, save.
 
@@ -331,7 +254,7 @@ def train(s: Stages) -> dict:
     else:
         state = TrainState(step=0, kl_coef=s.algo.kl_coef)
         if s.evaluator is not None:
-            state.eval_before = evaluate_and_log(s, 0, "before training")
+            state.eval_before = evaluate_and_log(s.evaluator, s.policy, s.logger, 0, "before training")
     metrics: dict[str, float] = {}
     policy = s.checkpoints
     with StopRequest() as stop:
@@ -352,7 +275,7 @@ def train(s: Stages) -> dict:
                     f"{last if last is not None else 'none (no checkpoint was saved yet)'}"
                 )
             if s.eval_every and state.step % s.eval_every == 0 and state.step != s.steps:
-                evaluate_and_log(s, state.step, f"at step {state.step}")
+                evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, f"at step {state.step}")
             if stop.signal_name is not None:
                 path = save_resumable(s, state)
                 summary["stopped_by"] = stop.signal_name
@@ -368,7 +291,7 @@ def train(s: Stages) -> dict:
     summary["before"] = state.eval_before
     if summary["stopped_by"] is None:
         if s.evaluator is not None:
-            summary["after"] = evaluate_and_log(s, state.step, "after training")
+            summary["after"] = evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, "after training")
             (s.run_dir / "eval.json").write_text(
                 json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n"
             )
