@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlctl import models
 from rlctl.algos import Algorithm
-from rlctl.checkpoint import CheckpointPolicy, resolve_resume
+from rlctl.checkpoint import CheckpointPolicy, drop_metrics_after, read_trainer_state, resolve_resume
 from rlctl.config import fill
 from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
 from rlctl.data.prompts import PromptFormat
@@ -21,7 +21,7 @@ from rlctl.data.sources import SOURCES, SourceSpec
 from rlctl.distributed import Ranks, init_process_group, launched_ranks
 from rlctl.errors import RlctlError
 from rlctl.evaluate import EvalSpec, Evaluator
-from rlctl.logging import ConsoleSink, JsonlSink, Loggers, LogSpec, WandbSink
+from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, WandbSink
 from rlctl.optim.engine import (
     PRECISIONS,
     DeepSpeedEngine,
@@ -85,7 +85,8 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
     """Every group of the config, filled by field name into the object that uses it (``config.fill``)
     and checked; the batch layout derived. One-line errors name the key; nothing is loaded."""
     ranks = ranks or launched_ranks()
-    for key, value in (("steps", cfg.steps), ("prompts_per_step", cfg.prompts_per_step)):
+    for key, value in (("steps", cfg.steps), ("prompts_per_step", cfg.prompts_per_step),
+                       ("reward.max_failed_steps", cfg.reward.max_failed_steps)):  # fmt: skip
         if value < 1:
             raise RlctlError(f"{key}: must be ≥ 1, got {value}")
     if cfg.engine.precision not in PRECISIONS:
@@ -123,6 +124,22 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         eval=fill("eval", cfg.eval, EvalSpec), log=fill("logger", cfg.logger, LogSpec),
         checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy), layout=layout, ranks=ranks,
     )  # fmt: skip
+
+
+def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
+    """Settings that run but give numbers without meaning: one line each, printed before anything runs."""
+    found = []
+    if cfg.eval.n_samples > 1 and cfg.eval.temperature == 0:
+        found.append(
+            f"eval.n_samples={cfg.eval.n_samples} at eval.temperature=0: greedy decoding gives the same completion "
+            "every time, so pass@k equals pass@1; set eval.temperature (e.g. 1.0)"
+        )
+    if training and cfg.rollout.temperature == 0 and cfg.algo.group_size > 1:
+        found.append(
+            f"rollout.temperature=0: the {cfg.algo.group_size} completions of a prompt are the same greedy one, so "
+            "their rewards are equal, group advantages are 0 and little or nothing is learned; use rollout.temperature=1.0"
+        )
+    return found
 
 
 def build_rewards(cfg: DictConfig) -> WeightedRewards:
@@ -163,21 +180,63 @@ def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None):
     return model, tokenizer
 
 
-def check_resumable(checkpoint: Path, cfg: DictConfig, needs_critic: bool) -> None:
-    """A checkpoint resumes only the run it came from: same starting model, critic iff the algorithm has one."""
-    import json
+# Settings a resumed run may change; every other key defines the run and must stay as it was.
+RESUMABLE_CHANGES = ("steps", "resume", "dry_run", "save_final", "logger.", "eval.every", "eval.batch_size",
+                     "checkpoint.", "reward.timeout_s", "reward.on_error", "reward.max_failed_steps")  # fmt: skip
 
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    if saved["model_path"] != cfg.model.path:
+
+def flat_config(cfg: DictConfig) -> dict:
+    """{"optim.lr": 2e-05, ...}: the resolved config as dotted keys (lists kept whole)."""
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
+
+
+def check_resumable(checkpoint: Path, config: dict | None, needs_critic: bool, world_size: int) -> None:
+    """A checkpoint resumes only the run it came from: the same settings but those in
+    RESUMABLE_CHANGES, a critic iff the algorithm has one, the same number of processes."""
+    saved = read_trainer_state(checkpoint)
+    if saved["world_size"] != world_size:
         raise RlctlError(
-            f"resume: {checkpoint} was trained from model.path={saved['model_path']!r}, "
-            f"but this run has model.path={cfg.model.path!r}; pass the same model or resume=never"
+            f"resume: {checkpoint} was written by {saved['world_size']} processes; resume it with the same number "
+            f"(this launch has {world_size})"
         )
     if saved["has_critic"] != needs_critic:
         raise RlctlError(
-            f"resume: {checkpoint} {'has' if saved['has_critic'] else 'has no'} critic but algo={cfg.algo.name} "
+            f"resume: {checkpoint} {'has' if saved['has_critic'] else 'has no'} critic but this algorithm "
             f"{'needs' if needs_critic else 'does not use'} one; resume with the algorithm it was trained with"
         )
+    if config is None:
+        return
+    before = saved["config"]
+    for key in sorted(set(before) | set(config)):
+        if key.startswith(RESUMABLE_CHANGES) or before.get(key) == config.get(key):
+            continue
+        raise RlctlError(
+            f"resume: {key} was {before.get(key)!r} in {checkpoint} and is {config.get(key)!r} now; a resumed run "
+            f"keeps what defines it (only steps, logger.*, eval.every, checkpoint.*, ... may change); "
+            f"pass {key}={before.get(key)} or start a new run (resume=never in a new folder)"
+        )
+
+
+def refuse_a_second_run_in(run_dir: Path) -> None:
+    """A run folder holds one run: starting afresh where a run trained would mix two histories. The
+    metrics of a start that never reached its first step are replaced."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    if '"reward/mean"' in metrics.read_text(encoding="utf-8"):
+        raise RlctlError(
+            f"resume: {run_dir} already holds a run that trained (metrics.jsonl), and this start would not continue "
+            "it (resume=never, or no checkpoint yet); start this run in a new folder (hydra.run.dir=...)"
+        )
+    metrics.unlink()
 
 
 def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl train resume=RUN_DIR") -> Stages:
@@ -188,8 +247,14 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     rewards = build_rewards(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(cfg.resume, run_dir)
-    if resume_from is not None:
-        check_resumable(resume_from, cfg, algo.needs_values)
+    config = flat_config(cfg) if isinstance(cfg, DictConfig) else None  # what the checkpoints record
+    if resume_from is None:
+        if ranks.is_main:  # the main rank writes metrics.jsonl: another rank could see the new one
+            refuse_a_second_run_in(run_dir)
+    else:
+        check_resumable(resume_from, config, algo.needs_values, ranks.world_size)
+        if ranks.is_main:
+            drop_metrics_after(run_dir / "metrics.jsonl", read_trainer_state(resume_from)["step"])
     model, tokenizer = load_model_and_tokenizer(cfg, str(resume_from / "policy") if resume_from else None)
     train_prompts, held_out = build_prompts(cfg, tokenizer)
     if len(train_prompts) == 0:
@@ -234,7 +299,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         reference = frozen_for_inference(reference, zero if zero.enabled else None)
 
     log = settings.log
-    sinks = [JsonlSink(run_dir / "metrics.jsonl")] if ranks.is_main else []  # one rank writes
+    sinks = (
+        [JsonlSink(run_dir / "metrics.jsonl"), LogFileSink(run_dir / "train.log", cfg.steps)] if ranks.is_main else []
+    )  # one rank writes
     if log.console and ranks.is_main:
         sinks.insert(0, ConsoleSink(cfg.steps))
     if log.wandb and ranks.is_main:
@@ -246,9 +313,12 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
                 f"[yellow]data: {prompts.skipped} {name} prompts skipped and {prompts.truncated} truncated "
                 f"(longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}, data.overlong={cfg.data.overlong})"
             )
-    logger.metrics({"data/train_prompts": len(train_prompts), "data/eval_prompts": len(held_out),
-                    "data/prompts_skipped": train_prompts.skipped + held_out.skipped,
-                    "data/prompts_truncated": train_prompts.truncated + held_out.truncated}, 0)  # fmt: skip
+    for warning in config_warnings(cfg, training=True):
+        logger.message(f"[yellow]warning: {warning}")
+    if resume_from is None:  # logged once per run
+        logger.metrics({"data/train_prompts": len(train_prompts), "data/eval_prompts": len(held_out),
+                        "data/prompts_skipped": train_prompts.skipped + held_out.skipped,
+                        "data/prompts_truncated": train_prompts.truncated + held_out.truncated}, 0)  # fmt: skip
 
     rollout = BACKENDS[settings.sampling.backend](tokenizer, settings.sampling, policy.autocast)
     return Stages(
@@ -257,7 +327,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         sampler=PromptSampler(len(train_prompts), layout.prompts_per_step * ranks.world_size, cfg.data.seed),
         evaluator=build_evaluator(cfg, held_out, tokenizer, rewards, policy.autocast), logger=logger,
         checkpoints=settings.checkpoints, run_dir=run_dir, steps=cfg.steps, save_final=cfg.save_final,
-        critic_warmup_steps=settings.critic.warmup_steps, eval_every=settings.eval.every,
+        critic_warmup_steps=settings.critic.warmup_steps, max_failed_reward_steps=cfg.reward.max_failed_steps, eval_every=settings.eval.every,
         sample_every=log.sample_every, samples_shown=log.samples_shown, ranks=ranks, model_path=cfg.model.path,
-        resume_from=resume_from, resume_command=resume_command,
+        resume_from=resume_from, resume_command=resume_command, config=config or {},
     )  # fmt: skip

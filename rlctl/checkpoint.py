@@ -61,6 +61,7 @@ class TrainState:
     kl_coef: float = 0.0
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
+    consecutive_reward_failures: int = 0  # steps in a row where a reward term failed on every sample
     eval_before: dict | None = None
 
 
@@ -169,6 +170,19 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return found
 
 
+def drop_metrics_after(metrics: Path, step: int) -> None:
+    """Resuming at ``step``: rows logged after that checkpoint (by a run that then crashed or was
+    killed) are dropped, so the continued run never logs a step twice."""
+    if not metrics.exists():
+        return
+    lines = metrics.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = metrics.with_name(metrics.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, metrics)
+
+
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "trainer_state.json").read_text())
 
@@ -193,8 +207,9 @@ def save_resumable(s: Stages, state: TrainState) -> Path:
         trainer_state = {
             "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
             "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+            "consecutive_reward_failures": state.consecutive_reward_failures,
             "sampler": s.sampler.state_dict(), "model_path": s.model_path, "has_critic": s.critic is not None,
-            "world_size": s.ranks.world_size,
+            "world_size": s.ranks.world_size, "config": s.config,
         }  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     barrier()
@@ -206,12 +221,7 @@ def save_resumable(s: Stages, state: TrainState) -> Path:
 
 def restore(s: Stages, folder: Path) -> TrainState:
     """Optimiser, schedule, sampler, RNG and loop state from a checkpoint (build loaded its weights)."""
-    saved = read_trainer_state(folder)
-    if saved["world_size"] != s.ranks.world_size:
-        raise RlctlError(
-            f"resume: {folder} was written by {saved['world_size']} processes; resume it with the same number "
-            f"(this launch has {s.ranks.world_size})"
-        )
+    saved = read_trainer_state(folder)  # build checked that it belongs to this run (check_resumable)
     for name, engine in _engines(s).items():
         engine.load_training_state(folder / name)
     s.sampler.load_state_dict(saved["sampler"])
@@ -219,6 +229,7 @@ def restore(s: Stages, folder: Path) -> TrainState:
     return TrainState(
         step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
         consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
+        consecutive_reward_failures=saved["consecutive_reward_failures"],
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ commands:
   generate   sample completions from a model and print them
   recipes    list ready experiments (run one with `rlctl train recipe=NAME`)
   report     redraw a run's curves.png and print its held-out results: rlctl report RUN_DIR
+  --version  print rlctl's version
 
 Each command is a Hydra app: `rlctl train --help` lists the config groups,
 `rlctl train --cfg job` prints the composed config, `rlctl train -m a=1,2` sweeps.
@@ -96,10 +97,61 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
         stages.logger.close()
 
 
+# What `rlctl eval` / `rlctl generate` take from a run folder (or a recipe): how the run asked its
+# questions (data and prompt format), how it judged them (reward) and how it sampled (rollout).
+SETTINGS_FROM_RUN = {"eval": ("data", "reward", "rollout"), "generate": ("data", "rollout")}
+
+
+def run_folder_of(model_path: str) -> Path | None:
+    """The run folder a model path belongs to: RUN, RUN/checkpoints/final or RUN/checkpoints/step-N/policy."""
+    path = Path(model_path).expanduser()
+    for candidate in (path, path.parent.parent, path.parent.parent.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def with_settings_from(cfg, command: str, base, source: str):
+    """``cfg`` with the groups of SETTINGS_FROM_RUN taken from ``base`` (a run's config.yaml or a
+    recipe), except what the command line set: a group picked there (data=gsm8k) stays whole, and
+    a key set there (rollout.max_new_tokens=32) keeps its value. Prints where each came from."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    given = [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
+    groups = [g for g in SETTINGS_FROM_RUN[command] if g in base and not any(o.startswith(f"{g}=") for o in given)]
+    keys = [o for o in given if o.split("=", 1)[0].split(".", 1)[0] in groups]
+    with open_dict(cfg):
+        for group in groups:
+            cfg[group].merge_with(base[group])
+        for override in keys:  # the command line wins
+            dotted = OmegaConf.from_dotlist([override])
+            cfg.merge_with(dotted)
+    err_console.print(
+        f"settings from {source}: {', '.join(groups) or 'none'}"
+        + (f"; from the command line: {' '.join(keys)}" if keys else ""),
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    return cfg
+
+
+def _with_run_settings(cfg, command: str, recipe_base):
+    from omegaconf import OmegaConf
+
+    run = run_folder_of(cfg.model.path)
+    if run is not None:
+        return with_settings_from(cfg, command, OmegaConf.load(run / "config.yaml"), f"{run}/config.yaml")
+    if recipe_base is not None:
+        return with_settings_from(cfg, command, recipe_base[1], f"recipe {recipe_base[0]}")
+    return cfg
+
+
 def run_eval(cfg) -> dict:
-    from rlctl.build import build_evaluator, build_prompts, build_rewards, load_model_and_tokenizer
+    from rlctl.build import build_evaluator, build_prompts, build_rewards, config_warnings, load_model_and_tokenizer
     from rlctl.optim.engine import make_accelerator
 
+    for warning in config_warnings(cfg, training=False):
+        err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     rewards = build_rewards(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg)
     _, held_out = build_prompts(cfg, tokenizer)
@@ -123,6 +175,14 @@ def run_generate(cfg) -> list:
     from rlctl.optim.engine import make_accelerator
     from rlctl.rollout import BACKENDS
 
+    if cfg.n < 1 or cfg.num_prompts < 1:
+        fail(f"{'n' if cfg.n < 1 else 'num_prompts'}: must be ≥ 1, got {cfg.n if cfg.n < 1 else cfg.num_prompts}")
+    if len(cfg.prompts) > 1:
+        err_console.print(
+            f"warning: {len(cfg.prompts)} prompts: " + " | ".join(repr(p) for p in cfg.prompts)
+            + ' (a comma inside [...] separates prompts; quote one that holds a comma: prompts="[\'Hi, what is 2 + 2?\']")',
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
     model, tokenizer = load_model_and_tokenizer(cfg)
     if cfg.prompts:
         d = cfg.data
@@ -185,21 +245,53 @@ def print_recipes() -> None:
     Console().print(table)
 
 
-def _hydra_app(command: str):
+def _hydra_app(command: str, recipe_base=None):
+    """The Hydra app of ``command``; ``recipe_base`` = (name, composed train config) when eval or
+    generate were given recipe=NAME."""
     import hydra
 
-    from rlctl.config import register_schemas
+    from rlctl.config import SCHEMAS, check_known_keys, register_schemas
     from rlctl.errors import RlctlError
 
     register_schemas()
 
     def task(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from rlctl.logging import append_to_log
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir) if command == "train" else None
+        in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
         try:
+            check_known_keys(cfg, SCHEMAS[command])
+            if command in SETTINGS_FROM_RUN:
+                cfg = _with_run_settings(cfg, command, recipe_base)
             return COMMANDS[command](cfg)
-        except RlctlError as err:
-            fail(str(err))
-        except KeyboardInterrupt:
-            fail("interrupted")
+        except (RlctlError, KeyboardInterrupt, Exception) as err:
+            message = (
+                str(err)
+                if isinstance(err, RlctlError)
+                else "interrupted"
+                if isinstance(err, KeyboardInterrupt)
+                else None
+            )
+            if message is None and not in_sweep:
+                raise  # a bug: the traceback is what we need
+            if message is None:
+                import traceback
+
+                message = f"{type(err).__name__}: {err}"
+                if run_dir is not None:
+                    append_to_log(run_dir, traceback.format_exc())
+            if run_dir is not None:  # the folder of a run that failed holds why
+                append_to_log(run_dir, f"error: {message}")
+            if in_sweep and run_dir is not None:  # one failing job must not cancel the others
+                (run_dir / "FAILED").write_text(message + "\n")
+                err_console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/bold red] {message}", soft_wrap=True)
+                return None
+            fail(message)
 
     task.__name__ = command
     return hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=command)(task)
@@ -216,6 +308,22 @@ def _quiet_deepspeed_on_cpu() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load; our console shows progress
+
+
+def _refuse_a_launch_that_started_too_few_processes() -> None:
+    """`accelerate launch --num_processes N` on a machine without GPUs (and without --use_deepspeed)
+    starts ONE process with no rank in its environment, only the rendezvous address of N. Training
+    alone would silently do a fraction of what was asked."""
+    import os
+
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        fail(
+            "this process was launched for several processes, but accelerate started only one (on a machine "
+            "without GPUs its plain launcher does so); launch with: DS_ACCELERATOR=cpu accelerate launch "
+            "--use_deepspeed --num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no "
+            "-m rlctl train deepspeed=zero2 ..."
+        )
 
 
 def _one_run_folder_for_all_ranks(args: list[str]) -> list[str]:
@@ -243,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
+    if args[0] in ("--version", "-V", "version"):
+        from importlib.metadata import version
+
+        print(f"rlctl {version('rlctl')}")
+        return
     command, rest = args[0], args[1:]
     _quiet_deepspeed_on_cpu()
     if command == "recipes":
@@ -256,6 +369,34 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes', 'report']}")
     if command == "train":
+        _refuse_a_launch_that_started_too_few_processes()
         rest = _one_run_folder_for_all_ranks(rest)
+    recipe_base = None
+    if command in SETTINGS_FROM_RUN:
+        recipe_base, rest = _recipe_for(command, rest)
     sys.argv = [f"rlctl {command}", *rest]  # Hydra parses sys.argv
-    _hydra_app(command)()
+    _hydra_app(command, recipe_base)()
+
+
+def _recipe_for(command: str, args: list[str]):
+    """`rlctl eval recipe=NAME ...`: a recipe is a training experiment; eval and generate take its
+    model and SETTINGS_FROM_RUN groups (composed as `rlctl train recipe=NAME` would)."""
+    named = [a for a in args if a.startswith("recipe=")]
+    if not named:
+        return None, args
+    name = named[-1].split("=", 1)[1]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from rlctl.config import register_schemas
+
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            base = compose("train", overrides=[f"recipe={name}"])
+    except HydraException:
+        fail(f"recipe: no recipe {name!r}; known: {[n for n, _ in list_recipes()]}")
+    rest = [a for a in args if not a.startswith("recipe=")]
+    if not any(a.startswith(("model=", "model.path=")) for a in rest):
+        rest.append(f"model.path={base.model.path}")
+    return (name, base), rest

@@ -107,6 +107,7 @@ class RewardConfig:
     timeout_s: float = 10.0  # a reward call running longer than this scores `fallback` (0 = no limit)
     fallback: float = 0.0  # score given when a reward function raises or times out
     on_error: str = "fallback"  # fallback (count it in reward/errors and go on) | stop (end the run)
+    max_failed_steps: int = 2  # stop when a term fails on every sample for this many steps in a row
 
 
 @dataclass
@@ -243,6 +244,41 @@ def fill(group: str, node: DictConfig | dict, *targets: type, **derived: Any):
     if unread or unused:
         raise TypeError(f"'{group}' keys {unread} and derived values {unused} are read by none of {targets}")
     return made[0] if len(made) == 1 else tuple(made)
+
+
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of a composed config that its schema does not have, each with the keys it does have
+    there. Hydra lets ``+key=value`` add a key past the schema; rlctl would then ignore it silently."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    found = []
+    for key in node.keys():
+        if key not in known:
+            found.append((f"{prefix}{key}", known))
+            continue
+        kind, value = hints[key], node._get_node(key)
+        args = typing.get_args(kind)
+        element = args[0] if typing.get_origin(kind) is list and args else None
+        if dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
+            found += unknown_keys(value, kind, f"{prefix}{key}.")
+        elif element is not None and dataclasses.is_dataclass(element) and value is not None:
+            for item in value:
+                if isinstance(item, DictConfig):
+                    found += unknown_keys(item, element, f"{prefix}{key}.")
+    return found
+
+
+def check_known_keys(cfg: DictConfig, schema: type) -> None:
+    """A one-line error for the first key outside the schema (e.g. ``+optim.lrr=1e-5``)."""
+    unknown = unknown_keys(cfg, schema)
+    if unknown:
+        key, known = unknown[0]
+        raise RlctlError(f"{key}: no such setting (known here: {', '.join(known)}); check the spelling")
+
+
+SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig}
 
 
 def register_schemas() -> None:

@@ -4,6 +4,7 @@ fans out to whichever sinks are on, so it never needs ``if logger:``."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -14,6 +15,9 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+from rlctl.errors import RlctlError
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
                 ("response_len/mean", "len"))  # fmt: skip
@@ -47,6 +51,24 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
+def step_line(values: dict[str, float], step: int, total: int) -> str | None:
+    """The one-line summary of a training step (None for rows that are not steps, e.g. evaluations)."""
+    if "reward/mean" not in values:  # evaluation results are printed by message()
+        return None
+    parts = [f"{short} {_fmt(values[key])}" for key, short in SUMMARY_KEYS if key in values]
+    seconds = f"  {values['time/step_s']:.1f}s" if "time/step_s" in values else ""
+    return f"step {step}/{total}  " + "  ".join(parts) + seconds
+
+
+def samples_table(rows: list[dict[str, Any]], step: int) -> Table:
+    table = Table(title=f"samples at step {step}", show_lines=True)
+    for column in ("prompt", "completion", "answer", "reward"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["prompt"], row["completion"], row["answer"], _fmt(row["reward"]))
+    return table
+
+
 class ConsoleSink:
     """A progress bar with ETA, a one-line summary per step, and a periodic table of samples."""
 
@@ -61,26 +83,72 @@ class ConsoleSink:
         self.progress.start()
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if "reward/mean" not in values:  # evaluation results are printed by message()
-            return
-        parts = [f"{short} {_fmt(values[key])}" for key, short in SUMMARY_KEYS if key in values]
-        seconds = f"  {values['time/step_s']:.1f}s" if "time/step_s" in values else ""
-        self.progress.console.print(f"step {step}/{self.total}  " + "  ".join(parts) + seconds)
-        self.progress.update(self.task, completed=step)
+        line = step_line(values, step, self.total)
+        if line is not None:
+            self.progress.console.print(line)
+            self.progress.update(self.task, completed=step)
 
     def samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        table = Table(title=f"samples at step {step}", show_lines=True)
-        for column in ("prompt", "completion", "answer", "reward"):
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(row["prompt"], row["completion"], row["answer"], _fmt(row["reward"]))
-        self.progress.console.print(table)
+        self.progress.console.print(samples_table(rows, step))
 
     def message(self, text: str) -> None:
         self.progress.console.print(text)
 
     def close(self) -> None:
         self.progress.stop()
+
+
+class LogFileSink:
+    """``train.log``: what the console shows (markup stripped), plus the warnings libraries log.
+    Appends, so a resumed run keeps its earlier lines."""
+
+    def __init__(self, path: Path, total_steps: int):
+        self.path, self.total = path, total_steps
+        self.handle = path.open("a", encoding="utf-8")
+        self.console = Console(file=self.handle, width=120, no_color=True, highlight=False, soft_wrap=True)
+        self.handler = _FileHandler(self)
+        logging.getLogger().addHandler(self.handler)  # library warnings (transformers, deepspeed, ...)
+        logging.captureWarnings(True)
+
+    def write(self, text: str) -> None:
+        self.handle.write(Text.from_markup(text).plain.rstrip("\n") + "\n")
+        self.handle.flush()
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        line = step_line(values, step, self.total)
+        if line is not None:
+            self.write(line)
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        self.console.print(samples_table(rows, step))
+        self.handle.flush()
+
+    def message(self, text: str) -> None:
+        self.write(text)
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handle.close()
+
+
+class _FileHandler(logging.Handler):
+    def __init__(self, sink: LogFileSink):
+        super().__init__(level=logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.handle.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
+            self.sink.handle.flush()
+        except ValueError:  # closed
+            pass
+
+
+def append_to_log(run_dir: Path, text: str) -> None:
+    """Add a line (e.g. the error that ended the run) to ``RUN/train.log``."""
+    if run_dir.is_dir():
+        with (run_dir / "train.log").open("a", encoding="utf-8") as handle:
+            handle.write(Text.from_markup(text).plain + "\n")
 
 
 class JsonlSink:
@@ -110,7 +178,14 @@ class WandbSink:
         import wandb  # imported here: wandb is slow to import and only needed when enabled
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, dir=str(run_dir), config=config, name=run_dir.name)
+        try:
+            self.run = wandb.init(project=project, entity=entity, dir=str(run_dir), config=config, name=run_dir.name)
+        except Exception as err:  # no login, no network, a bad entity: wandb raises several kinds
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RlctlError(
+                f"logger.wandb: W&B could not start a run ({type(err).__name__}: {first}); log in with `wandb login`, "
+                "or set WANDB_MODE=offline to keep the W&B run on disk"
+            ) from None
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)

@@ -104,10 +104,12 @@ def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
 
 
 def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
-    """A table of every job under a multirun folder: its overrides, final metrics, held-out accuracy."""
+    """A table of every job under a multirun folder: its overrides, final metrics, held-out accuracy.
+    Printed, and written beside the jobs as ``summary.md`` and ``summary.jsonl``; a failed job is
+    marked failed with its error."""
     table = Table(title=f"sweep {sweep_dir}")
     table.add_column("job")
-    table.add_column("overrides")
+    table.add_column("overrides", overflow="fold", min_width=24)  # wraps; never squeezed out
     for column in (*SWEEP_COLUMNS, "eval before", "eval after"):
         table.add_column(column, justify="right")
     jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
@@ -118,18 +120,47 @@ def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
             [line.lstrip("- ").strip() for line in file.read_text().splitlines()] if file.exists() else []
         )
     shared = set.intersection(*(set(o) for o in overrides_of.values())) if len(jobs) > 1 else set()
-    if shared:
-        table.caption = "every job: " + " ".join(o for o in next(iter(overrides_of.values())) if o in shared)
+    every_job = " ".join(o for o in next(iter(overrides_of.values())) if o in shared) if shared else ""
+    if every_job:
+        table.caption = "every job: " + every_job
+    records = []
     for job in jobs:
         overrides = " ".join(o for o in overrides_of[job] if o not in shared)
+        record: dict[str, Any] = {"job": int(job.name), "overrides": overrides}
+        failed = job / "FAILED"
         try:
-            last = read_metrics(job)[-1]
+            last = {} if failed.exists() else read_metrics(job)[-1]
         except (RlctlError, IndexError):
-            table.add_row(job.name, overrides, *["failed"] + [""] * (len(SWEEP_COLUMNS) + 1))
+            last = {}
+        if not last:
+            error = failed.read_text().strip() if failed.exists() else "no metrics"
+            record.update(status="failed", error=error)
+            table.add_row(job.name, overrides, "[red]failed[/red]", error[:60], *[""] * (len(SWEEP_COLUMNS)))
+            records.append(record)
             continue
         evaluation = json.loads((job / "eval.json").read_text()) if (job / "eval.json").exists() else {}
+        record.update(status="done", **{k: last[k] for k in SWEEP_COLUMNS if k in last})
+        record.update({f"eval_{k}": evaluation[k]["accuracy"] for k in ("before", "after") if evaluation.get(k)})
         cells = [f"{last[k]:.4g}" if k in last else "-" for k in SWEEP_COLUMNS]
         cells += [f"{evaluation[k]['accuracy']:.3f}" if evaluation.get(k) else "-" for k in ("before", "after")]
         table.add_row(job.name, overrides, *cells)
+        records.append(record)
     (console or Console()).print(table)
+    _write_summary(Path(sweep_dir), records, every_job)
     return table
+
+
+def _write_summary(sweep_dir: Path, records: list[dict[str, Any]], every_job: str) -> None:
+    with (sweep_dir / "summary.jsonl").open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    columns = ["job", "status", "overrides", *SWEEP_COLUMNS, "eval_before", "eval_after", "error"]
+    used = [c for c in columns if any(c in r for r in records)]
+    lines = [f"# sweep {sweep_dir}", ""] + ([f"Every job: `{every_job}`", ""] if every_job else [])
+    lines += ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
+    for record in records:
+        cells = [record.get(c, "") for c in used]
+        lines.append(
+            "| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in cells) + " |"
+        )
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -60,6 +60,7 @@ class Stages:
     steps: int  # training steps
     save_final: bool  # write checkpoints/final at the end
     critic_warmup_steps: int = 0  # steps during which only the critic trains
+    max_failed_reward_steps: int = 2  # stop when a reward term fails on every sample this many steps in a row
     eval_every: int = 0  # steps between evaluations (0 = before and after only)
     sample_every: int = 0  # steps between sample tables (0 = never)
     samples_shown: int = 3
@@ -67,6 +68,7 @@ class Stages:
     model_path: str = ""  # what the policy was initialised from; a checkpoint must match it to resume
     resume_from: Path | None = None  # a checkpoint whose weights build already loaded
     resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
+    config: dict = field(default_factory=dict)  # the run's settings as dotted keys, kept in checkpoints
 
 
 def train_step(s: Stages, state: TrainState) -> dict[str, float]:
@@ -74,7 +76,8 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     timer, algo = Timer(), s.algo
 
     # 1-2. Rollout and reward: P prompts × G completions, scored (more prompts if groups are filtered).
-    batch, sampling_metrics = _sample_and_score(s, timer)
+    batch, sampling_metrics, reward_failures = _sample_and_score(s, timer)
+    _check_reward_failures(s, state, reward_failures)
 
     # 3. Score the samples without gradients: reference log-probs, the sampling policy's log-probs
     #    (whenever the step makes more than one update, or the KL sits in the reward), critic values.
@@ -123,14 +126,16 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     return metrics
 
 
-def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]:
+def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], list]:
     """Generate and score P prompts' groups; with dynamic sampling keep only groups whose rewards
-    differ and sample more prompts until P such groups are found or the retries run out."""
+    differ and sample more prompts until P such groups are found or the retries run out.
+    Returns the batch, its metrics and the reward calls' results (for their failures)."""
     algo, prompts_per_step = s.algo, s.layout.prompts_per_step
     kept: list[Batch] = []
     n_kept = n_sampled = 0
     term_sums: dict[str, float] = {}
     errors_before = s.rewards.errors
+    results = []
     for _attempt in range(1 + (algo.sampling_retries if algo.dynamic_sampling else 0)):
         with timer("rollout"), s.policy.generation_context():
             # one global draw of P × world prompts; each rank takes its own P (all G samples stay together)
@@ -145,6 +150,7 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
             )
         with timer("reward"):
             result = s.rewards(batch.completions, batch.answers)
+            results.append(result)
             penalty = algo.length_penalty(batch.response_mask.sum(dim=1))
             batch = batch.with_(scores=result.scores + penalty, length_penalty=penalty, correct=result.correct)
         n_sampled += len(picked)
@@ -153,7 +159,7 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
         batch = _with_steps(s, batch, result.steps)
         if not algo.dynamic_sampling:
             metrics = {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
-            return batch, {**metrics, "reward/errors": float(s.rewards.errors - errors_before)}
+            return batch, {**metrics, "reward/errors": float(s.rewards.errors - errors_before)}, results
         keep = shaping.groups_with_signal(batch.scores, algo.group_size).repeat_interleave(algo.group_size)
         if keep.any():
             kept.append(batch.rows(torch.nonzero(keep).squeeze(1)))
@@ -167,7 +173,25 @@ def _sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float]]
     # Too few groups with signal: top up with groups from the last rollout (their advantages are 0),
     # so every step, and every rank, trains on the same number of samples.
     batch = concat([b for b in (*kept, uniform) if b.size > 0], s.tokenizer.pad_token_id)
-    return batch.rows(torch.arange(s.layout.samples_per_step)), metrics
+    return batch.rows(torch.arange(s.layout.samples_per_step)), metrics, results
+
+
+def _check_reward_failures(s: Stages, state: TrainState, results: list) -> None:
+    """Say which reward term failed and why; stop when a term has failed on every sample of
+    ``max_failed_reward_steps`` steps in a row (the run would train on fallback scores alone)."""
+    for name, (count, first) in {k: v for r in results for k, v in r.failures.items()}.items():
+        s.logger.message(f"[yellow]step {state.step}: reward {name!r} failed on {count} samples: {first}")
+    dead = next((name for r in results if (name := r.fully_failed())), None)
+    every_rank_dead = not any_rank(dead is None)  # ranks decide together
+    state.consecutive_reward_failures = state.consecutive_reward_failures + 1 if every_rank_dead else 0
+    if state.consecutive_reward_failures >= s.max_failed_reward_steps:
+        last = latest_checkpoint(s.run_dir)
+        first = next(r.failures[dead][1] for r in results if dead in r.failures) if dead else "(on another rank)"
+        raise RlctlError(
+            f"stopping: reward {dead!r} failed on every sample for {state.consecutive_reward_failures} steps in a row "
+            f"(reward.max_failed_steps={s.max_failed_reward_steps}): {first}; the last good checkpoint is "
+            f"{last if last is not None else 'none (no checkpoint was saved yet)'}"
+        )
 
 
 def _with_steps(s: Stages, batch: Batch, steps) -> Batch:
@@ -250,9 +274,14 @@ def train(s: Stages) -> dict:
     s.logger.message(s.layout.describe())
     if s.resume_from is not None:
         state = restore(s, s.resume_from)
+        resumed_at = state.step
         s.logger.message(f"resumed from {s.resume_from} at step {state.step}")
+        if state.step >= s.steps:
+            s.logger.message(
+                f"this run already finished its {state.step} steps; pass steps=N (> {state.step}) to train on"
+            )
     else:
-        state = TrainState(step=0, kl_coef=s.algo.kl_coef)
+        state, resumed_at = TrainState(step=0, kl_coef=s.algo.kl_coef), None
         if s.evaluator is not None:
             state.eval_before = evaluate_and_log(s.evaluator, s.policy, s.logger, 0, "before training")
     metrics: dict[str, float] = {}
@@ -287,16 +316,28 @@ def train(s: Stages) -> dict:
             if policy.every and state.step % policy.every == 0 and state.step != s.steps:
                 save_resumable(s, state)
         else:
-            save_resumable(s, state)  # the end is always resumable (e.g. to train for more steps)
+            if state.step != resumed_at:
+                save_resumable(s, state)  # the end is always resumable (e.g. to train for more steps)
     summary["before"] = state.eval_before
     if summary["stopped_by"] is None:
-        if s.evaluator is not None:
-            summary["after"] = evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, "after training")
-            (s.run_dir / "eval.json").write_text(
-                json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n"
+        nothing_trained = s.resume_from is not None and state.step == resumed_at  # a finished run, resumed
+        try:
+            if nothing_trained and (s.run_dir / "eval.json").exists():  # its evaluation stands
+                summary.update(json.loads((s.run_dir / "eval.json").read_text()))
+            elif s.evaluator is not None:
+                summary["after"] = evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, "after training")
+                (s.run_dir / "eval.json").write_text(
+                    json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n"
+                )
+            if s.save_final and not (nothing_trained and (s.run_dir / "checkpoints" / "final").is_dir()):
+                s.logger.message(f"saved the trained model to {export_final(s)}")
+        except KeyboardInterrupt:  # training is done and saved: the rest can be redone by resuming
+            summary["stopped_by"] = "SIGINT"
+            s.logger.message(
+                f"[bold yellow]interrupted after training: step {state.step} is saved in "
+                f"{latest_checkpoint(s.run_dir)}; the final evaluation and export did not finish.[/]\n"
+                f"Resume with: {s.resume_command}"
             )
-        if s.save_final:
-            s.logger.message(f"saved the trained model to {export_final(s)}")
     summary["final_metrics"] = metrics
     summary["wall_s"] = time.perf_counter() - started
     s.logger.message(f"done in {summary['wall_s']:.0f}s; run folder: {s.run_dir}")

@@ -14,7 +14,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -105,13 +105,44 @@ def load_user_reward(spec: str) -> Callable[..., float]:
     if not callable(fn):
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise RlctlError(f"reward.fn: {file} defines no function {name!r} (it defines: {defined})")
+    signature = inspect.signature(fn)
+    if "completions" in signature.parameters:  # TRL's batched convention
+        try:
+            signature.bind(completions=[], answers=[]) if "answers" in signature.parameters else signature.bind(
+                completions=[], **({"answer": []} if "answer" in signature.parameters else {})
+            )
+        except TypeError:
+            raise RlctlError(
+                f"reward.fn: {name}{signature} in {file}: a batched reward gets completions= and answers= (lists) "
+                "and returns a list of scores; it may not require other arguments"
+            ) from None
+        return BatchedReward(fn, "answers" if "answers" in signature.parameters else "answer")
     try:
-        inspect.signature(fn).bind("completion", "answer")
+        signature.bind("completion", "answer")
     except TypeError:
         raise RlctlError(
-            f"reward.fn: {name}{inspect.signature(fn)} in {file} must accept two arguments, (completion, answer)"
+            f"reward.fn: {name}{signature} in {file} must accept (completion, answer) and return a score, or, "
+            "batched as in TRL, (completions, answers) and return a list of scores"
         ) from None
     return fn
+
+
+@dataclass(frozen=True)
+class BatchedReward:
+    """A user reward called once per batch: fn(completions=[...], answers=[...]) -> [score or None]
+    (TRL's convention; None, like a failure, scores the fallback)."""
+
+    fn: Callable[..., list]
+    answers_name: str  # the keyword its reference answers go in: "answers" (or TRL-style "answer")
+
+    def __call__(self, completions: list[str], answers: list[str]) -> list:
+        values = self.fn(completions=completions, **{self.answers_name: answers})
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"a list of {len(values)}" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise TypeError(
+                f"returned {got} for {len(completions)} completions; a batched reward returns one score each"
+            )
+        return list(values)
 
 
 def resolve_rule(name: str) -> Callable[..., float]:
@@ -132,6 +163,12 @@ class RewardResult:
     correct: torch.Tensor  # [N] bool: the accuracy term scored 1
     per_term: dict[str, torch.Tensor]  # term name -> [N] unweighted scores
     steps: list[StepRewards] | None = None  # per completion, weighted; None when every term gave one score
+    failures: dict[str, tuple[int, str]] = field(default_factory=dict)  # term -> (failed calls, first error)
+
+    def fully_failed(self) -> str | None:
+        """The first term that failed on every completion of this call, if any."""
+        n = len(self.scores)
+        return next((name for name, (count, _) in self.failures.items() if n and count == n), None)
 
 
 @dataclass(frozen=True)
@@ -171,6 +208,7 @@ class WeightedRewards:
         self.functions = [resolve_rule(term.name) for term in terms]
         self.timeout_s, self.fallback, self.on_error = timeout_s, fallback, on_error
         self.errors = 0  # calls that failed since construction
+        self._failures: dict[str, tuple[int, str]] = {}  # of the current call: term -> (count, first error)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _call(self, fn, term: Term, completion: str, answer: str):
@@ -191,22 +229,53 @@ class WeightedRewards:
                 self._pool.shutdown(wait=False)  # the stuck call keeps its thread; later calls get a new one
                 self._pool = None
                 err = TimeoutError(f"took longer than reward.timeout_s={self.timeout_s}s")
-            self.errors += 1
-            if self.on_error == "stop":
-                raise RewardFailure(
-                    f"reward {term.name!r} failed on completion {completion[:80]!r}: {type(err).__name__}: {err}"
-                ) from None
-            return self.fallback
+            return self._fail(term, err, completion if isinstance(completion, str) else "(a batch)")
+
+    def _fail(self, term: Term, err: Exception, completion: str, samples: int = 1) -> float:
+        """Count ``samples`` failed samples of ``term`` and give the fallback (or stop, with on_error=stop)."""
+        self.errors += samples
+        count, first = self._failures.get(term.name, (0, f"{type(err).__name__}: {err}"))
+        self._failures[term.name] = (count + samples, first)
+        if self.on_error == "stop":
+            raise RewardFailure(
+                f"reward {term.name!r} failed on completion {completion[:80]!r}: {type(err).__name__}: {err}"
+            ) from None
+        return self.fallback
+
+    def _call_batched(self, fn: BatchedReward, term: Term, completions: list[str], answers: list[str]) -> list:
+        """One call for the whole batch: if it fails every sample gets the fallback; a None or
+        non-finite entry gives that sample the fallback."""
+        try:
+            values = fn(completions, answers) if self.timeout_s <= 0 else self._in_pool(fn, completions, answers)
+        except Exception as err:
+            if isinstance(err, concurrent.futures.TimeoutError):
+                self._pool.shutdown(wait=False)
+                self._pool = None
+                err = TimeoutError(f"took longer than reward.timeout_s={self.timeout_s}s")
+            value = self._fail(term, err, "(a batch)", samples=len(completions))
+            return [value] * len(completions)
+        return [
+            v if isinstance(v, (int, float)) and math.isfinite(v) or isinstance(v, (list, tuple))
+            else self._fail(term, TypeError(f"returned {v!r} for one completion"), completion)
+            for v, completion in zip(values, completions)
+        ]  # fmt: skip
+
+    def _in_pool(self, fn, *args):
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        return self._pool.submit(fn, *args).result(timeout=self.timeout_s)
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardResult:
+        self._failures = {}
         per_term: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions))
         steps: list[StepRewards] = [[] for _ in completions]
         any_steps = False
         for index, (term, fn) in enumerate(zip(self.terms, self.functions)):
             values = []
+            batch_values = self._call_batched(fn, term, completions, answers) if isinstance(fn, BatchedReward) else None
             for row, (completion, answer) in enumerate(zip(completions, answers)):
-                value = self._call(fn, term, completion, answer)
+                value = batch_values[row] if batch_values is not None else self._call(fn, term, completion, answer)
                 if isinstance(value, (list, tuple)):  # step rewards
                     any_steps = True
                     steps[row] += [(int(offset), term.weight * float(r)) for offset, r in value]
@@ -219,4 +288,4 @@ class WeightedRewards:
             per_term[key] = scores
             total += term.weight * scores
         correct = list(per_term.values())[self.accuracy_term] >= 1.0
-        return RewardResult(total, correct, per_term, steps if any_steps else None)
+        return RewardResult(total, correct, per_term, steps if any_steps else None, dict(self._failures))

@@ -1,0 +1,204 @@
+"""Nothing silently wrong: each case here once ended with exit 0 having done something other than
+what the user asked (or with a traceback). Run through the CLI, in subprocesses, as a user would."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlctl.cli import CONF_DIR
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
+README = Path(__file__).parent.parent / "README.md"
+
+
+def rlctl(*args, cwd=None, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=env or ENV, cwd=cwd, timeout=timeout
+    )
+
+
+def training_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "reward/mean" in r]
+
+
+def test_a_reward_that_always_fails_stops_the_run_with_its_error(tmp_path):
+    reward = tmp_path / "r.py"
+    reward.write_text('def score(c, a):\n    raise ValueError("boom")\n')
+    run = tmp_path / "run"
+    result = rlctl("train", "recipe=smoke", "steps=5", f"reward.fn={reward}:score", f"hydra.run.dir={run}")
+    assert result.returncode == 1
+    assert f"step 1: reward '{reward}:score' failed on 8 samples: ValueError: boom" in result.stdout
+    # reward.max_failed_steps = 2: the second step of nothing but fallback scores stops the run, naming
+    # the error, before it trains on them; step 1 trained (one bad step may be a fluke).
+    assert "failed on every sample for 2 steps in a row (reward.max_failed_steps=2): ValueError: boom" in result.stderr
+    assert training_steps(run) == [1]
+    assert "ValueError: boom" in (run / "train.log").read_text()  # the folder holds why it stopped
+
+
+def test_a_trl_style_batched_reward_trains(tmp_path):
+    reward = tmp_path / "batched.py"
+    reward.write_text(
+        "def score(completions, answers):\n    return [float(a in c) for c, a in zip(completions, answers)]\n"
+    )
+    run = tmp_path / "run"
+    result = rlctl("train", "recipe=smoke", f"reward.fn={reward}:score", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"reward/errors"' in line]
+    assert [r["reward/errors"] for r in rows] == [0.0, 0.0]
+
+
+def test_eval_of_a_run_folder_uses_the_runs_data_reward_and_lengths(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Say {i}.", "answer": str(i)}) + "\n" for i in range(20)))
+    run = tmp_path / "run"
+    trained = rlctl("train", "recipe=smoke", "steps=1", "data=jsonl", f"data.path={data}", "data.prompt_field=question", "rollout.max_new_tokens=5",
+                    "reward=gsm8k", f"hydra.run.dir={run}")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    result = rlctl("eval", f"model.path={run}", "rollout.temperature=0.5")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"] == "jsonl"  # not the arithmetic default
+    assert f"settings from {run}/config.yaml: data, reward, rollout" in result.stderr
+    assert "from the command line: rollout.temperature=0.5" in result.stderr
+    assert json.loads(result.stdout)["response_len_mean"] <= 5  # the run's length limit, not 16
+
+
+def test_a_launch_that_started_one_process_of_two_is_refused(tmp_path):
+    # Without a GPU and without --use_deepspeed, accelerate's plain launcher starts ONE process.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlctl", "train", "recipe=smoke",
+               f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode != 0
+    assert "accelerate started only one" in result.stderr and "--use_deepspeed" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_refuses_a_changed_dataset_and_a_folder_holds_one_run(tmp_path):
+    run = tmp_path / "run"
+    assert rlctl("train", "recipe=smoke", "steps=1", "eval.enabled=false", f"hydra.run.dir={run}").returncode == 0
+    changed = rlctl("train", "recipe=smoke", "steps=2", "data.digits=2", f"hydra.run.dir={run}")
+    assert changed.returncode == 1
+    assert "resume: data.digits was 1 in" in changed.stderr and "is 2 now" in changed.stderr
+    fresh = rlctl("train", "recipe=smoke", "steps=2", "resume=never", f"hydra.run.dir={run}")
+    assert fresh.returncode == 1 and "already holds a run that trained" in fresh.stderr
+    # Allowed changes: more steps (and eval settings). Then re-running the finished run does nothing.
+    for _ in range(2):
+        more = rlctl("train", "recipe=smoke", "steps=3", "eval.enabled=false", f"hydra.run.dir={run}")
+        assert more.returncode == 0, more.stderr
+    assert "already finished its 3 steps" in more.stdout
+    assert training_steps(run) == [1, 2, 3]  # exact: no step twice, none missing
+
+
+def test_unknown_keys_are_refused_even_with_a_plus(tmp_path):
+    result = rlctl("train", "recipe=smoke", "+optim.lrr=1e-5", "dry_run=true", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "optim.lrr: no such setting" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_console_is_kept_in_train_log_and_a_failed_start_leaves_its_error(tmp_path):
+    run = tmp_path / "run"
+    assert rlctl("train", "recipe=smoke", f"hydra.run.dir={run}").returncode == 0
+    log = (run / "train.log").read_text()
+    assert "step 2/2" in log and "eval after training" in log and "samples at step 1" in log
+    assert "[bold]" not in log and "\x1b[" not in log  # markup and colours stripped
+    bad = tmp_path / "bad"
+    assert rlctl("train", "recipe=smoke", "optim.lr=-1", f"hydra.run.dir={bad}").returncode == 1
+    assert "error: optim.lr: must be a positive number" in (bad / "train.log").read_text()
+
+
+def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = rlctl("train", "-m", "recipe=smoke", "steps=1", "eval.enabled=false", "save_final=false",
+                   "optim.lr=1e-5,-1,2e-5", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["done", "failed", "done"]
+    assert "optim.lr: must be a positive number" in records[1]["error"]
+    summary = (sweep / "summary.md").read_text()
+    assert "| 1 | failed | optim.lr=-1 |" in summary
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "model=tiny", "n=0"], "error: n: must be ≥ 1, got 0"),
+        (["train", "recipe=smoke", "rollout.max_new_tokens=0", "dry_run=true"], "rollout.max_new_tokens: must be ≥ 1"),
+    ],
+)
+def test_one_line_errors_instead_of_tracebacks(args, message, tmp_path):
+    result = rlctl(*args, cwd=tmp_path)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wandb_without_a_login_suggests_offline_mode(tmp_path):
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB")}
+    env.update(WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path), HOME=str(tmp_path), WANDB_MODE="online")
+    env["RLCTL_CACHE"] = os.environ.get("RLCTL_CACHE", str(Path.home() / ".cache" / "rlctl"))
+    result = rlctl("train", "recipe=smoke", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}", env=env, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "logger.wandb: W&B could not start a run" in result.stderr and "WANDB_MODE=offline" in result.stderr
+
+
+def test_warnings_for_numbers_without_meaning(tmp_path):
+    train = rlctl("train", "recipe=smoke", "steps=1", "rollout.temperature=0", "eval.n_samples=2", "eval.pass_k=[1,2]",
+                  f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    assert "warning: eval.n_samples=2 at eval.temperature=0" in train.stdout
+    assert "warning: rollout.temperature=0" in train.stdout
+    generate = rlctl("generate", "model=tiny", "prompts=[Hi, what is 2 + 2?]", "rollout.max_new_tokens=2", cwd=tmp_path)
+    assert generate.returncode == 0, generate.stderr
+    assert "warning: 2 prompts: 'Hi' | 'what is 2 + 2?'" in generate.stderr
+
+
+def test_eval_accepts_a_recipe_and_version_prints(tmp_path):
+    result = rlctl("eval", "recipe=smoke", "rollout.max_new_tokens=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == "random:tiny" and "settings from recipe smoke" in result.stderr
+    version = rlctl("--version")
+    assert re.fullmatch(r"rlctl \d+\.\d+\.\d+\S*\n", version.stdout)
+
+
+def test_the_readme_lists_every_algorithm_and_every_option_of_every_group():
+    text = README.read_text()
+    algo_rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \| .+ \| .+ \| .+ \|$", text.split("### Algorithms")[1], re.M)
+    assert sorted(algo_rows) == sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml"))
+    groups = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", text.split("| group | options |")[1].split("\n\n")[0], re.M))
+    for group in ("algo", "model", "data", "reward", "rollout", "logger", "deepspeed", "recipe"):
+        for option in (CONF_DIR / group).glob("*.yaml"):
+            assert f"`{option.stem}`" in groups[group], f"README's config table lacks {group}={option.stem}"
+
+
+def test_ctrl_c_during_the_final_evaluation_exits_cleanly_with_a_resume_hint(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from rlctl.build import build_train
+    from rlctl.config import register_schemas
+    from rlctl.trainer import train
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("train", overrides=["recipe=smoke", "logger.console=false", "steps=1"])
+    stages = build_train(cfg, tmp_path, "rlctl train recipe=smoke steps=1 hydra.run.dir=RUN resume=auto")
+    calls, messages = [], []
+    evaluate = stages.evaluator
+
+    def interrupted_the_second_time(model):
+        calls.append(1)
+        if len(calls) == 2:  # before training passes; after training is interrupted
+            raise KeyboardInterrupt
+        return evaluate(model)
+
+    stages.evaluator = interrupted_the_second_time
+    stages.logger.sinks.append(type("Recorder", (), {"metrics": lambda *a: None, "samples": lambda *a: None,
+                                                     "message": lambda self, t: messages.append(t),
+                                                     "close": lambda self: None})())  # fmt: skip
+    summary = train(stages)
+    assert summary["stopped_by"] == "SIGINT"
+    assert any("interrupted after training" in m and "Resume with: rlctl train recipe=smoke" in m for m in messages)
+    assert (tmp_path / "checkpoints" / "latest").exists() and not (tmp_path / "eval.json").exists()
