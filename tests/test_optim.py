@@ -43,6 +43,8 @@ def test_every_update_after_the_first_is_clipped_against_the_stored_log_probs(tm
     metrics = train_step(stages, TrainState(step=1))
     assert metrics["advantages/std"] > 0 and metrics["optim/updates"] == 2
     first, second = ratios  # one micro-batch per minibatch
+    print(f"max |ratio − 1|: minibatch 1 {(first - 1).abs().max():.2e}, minibatch 2 {(second - 1).abs().max():.3f}; "
+          f"clip_frac {metrics['clip_frac']:.3f}, approx_kl {metrics['approx_kl']:.4f}")  # fmt: skip
     assert (first - 1).abs().max() < 1e-4  # nothing has moved yet: π = π_old
     assert (second - 1).abs().max() > 0.1, second  # stale samples: the true ratio, not a forced 1
     assert metrics["clip_frac"] > 0 and metrics["approx_kl"] > 0, metrics
@@ -82,7 +84,10 @@ def test_micro_batch_splits_give_the_same_update_as_one_micro_batch_for_every_ag
         metrics, weights = results[micro]
         assert metrics["grad_norm"] == pytest.approx(simple["grad_norm"], rel=1e-5), micro
         assert metrics["loss/total"] == pytest.approx(simple["loss/total"], rel=1e-5), micro
-        assert worst_relative_difference(weights, simple_weights, stages.policy.unwrapped()) < 1e-5, micro
+        worst = worst_relative_difference(weights, simple_weights, stages.policy.unwrapped())
+        print(f"{agg}: micro-batch {micro} vs 8: grad norm {metrics['grad_norm']:.6f} vs {simple['grad_norm']:.6f}, "
+              f"largest relative weight difference {worst:.1e}")  # fmt: skip
+        assert worst < 1e-5, micro
 
 
 def worst_relative_difference(weights: dict, reference: dict, model) -> float:
