@@ -1,0 +1,99 @@
+"""Steps 1-2 of a training step: the rollout and reward stages. Sample P prompts' groups, score
+them, and with dynamic sampling (DAPO) keep sampling until P groups carry signal; say which reward
+term failed, and stop a run whose reward fails on everything."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from rlctl.algos import shaping
+from rlctl.batch import Batch, concat
+from rlctl.checkpoint import TrainState, latest_checkpoint
+from rlctl.distributed import any_rank
+from rlctl.errors import RlctlError
+from rlctl.logging import Timer
+from rlctl.rollout.hf import step_rewards_to_tokens
+
+if TYPE_CHECKING:
+    from rlctl.trainer import Stages
+
+
+def sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], list]:
+    """Generate and score P prompts' groups; with dynamic sampling keep only groups whose rewards
+    differ and sample more prompts until P such groups are found or the retries run out.
+    Returns the batch, its metrics and the reward calls' results (for their failures)."""
+    algo, prompts_per_step = s.algo, s.layout.prompts_per_step
+    kept: list[Batch] = []
+    n_kept = n_sampled = 0
+    term_sums: dict[str, float] = {}
+    errors_before = s.rewards.errors
+    results = []
+    for _attempt in range(1 + (algo.sampling_retries if algo.dynamic_sampling else 0)):
+        with timer("rollout"), s.policy.generation_context():
+            # one global draw of P × world prompts; each rank takes its own P (all G samples stay together)
+            everyone = s.sampler.next_batch()
+            picked = everyone[s.ranks.rank * prompts_per_step : (s.ranks.rank + 1) * prompts_per_step]
+            batch = s.rollout.generate(
+                s.policy.unwrapped(),
+                [s.train_prompts.token_ids[i] for i in picked],
+                [s.train_prompts.examples[i].answer for i in picked],
+                algo.group_size,
+                prompt_texts=[_display(s.train_prompts.examples[i].prompt) for i in picked],
+            )
+        with timer("reward"):
+            result = s.rewards(batch.completions, batch.answers)
+            results.append(result)
+            penalty = algo.length_penalty(batch.response_mask.sum(dim=1))
+            batch = batch.with_(scores=result.scores + penalty, length_penalty=penalty, correct=result.correct)
+        n_sampled += len(picked)
+        for name, values in result.per_term.items():  # unshaped, over everything sampled
+            term_sums[name] = term_sums.get(name, 0.0) + float(values.sum())
+        batch = _with_steps(s, batch, result.steps)
+        if not algo.dynamic_sampling:
+            metrics = {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
+            return batch, {**metrics, "reward/errors": float(s.rewards.errors - errors_before)}, results
+        keep = shaping.groups_with_signal(batch.scores, algo.group_size).repeat_interleave(algo.group_size)
+        if keep.any():
+            kept.append(batch.rows(torch.nonzero(keep).squeeze(1)))
+            n_kept += int(keep.sum()) // algo.group_size
+        uniform = batch.rows(torch.nonzero(~keep).squeeze(1))
+        if not any_rank(n_kept < prompts_per_step):  # ranks retry together: rollouts are collective under ZeRO-3
+            break
+    metrics = {"sampling/prompts_sampled": float(n_sampled), "sampling/groups_kept": float(n_kept)}
+    metrics.update({f"reward/{k}": v / (n_sampled * algo.group_size) for k, v in term_sums.items()})
+    metrics["reward/errors"] = float(s.rewards.errors - errors_before)
+    # Too few groups with signal: top up with groups from the last rollout (their advantages are 0),
+    # so every step, and every rank, trains on the same number of samples.
+    batch = concat([b for b in (*kept, uniform) if b.size > 0], s.tokenizer.pad_token_id)
+    return batch.rows(torch.arange(s.layout.samples_per_step)), metrics, results
+
+
+def check_reward_failures(s: Stages, state: TrainState, results: list) -> None:
+    """Say which reward term failed and why; stop when a term has failed on every sample of
+    ``max_failed_reward_steps`` steps in a row (the run would train on fallback scores alone)."""
+    for name, (count, first) in {k: v for r in results for k, v in r.failures.items()}.items():
+        s.logger.message(f"[yellow]step {state.step}: reward {name!r} failed on {count} samples: {first}")
+    dead = next((name for r in results if (name := r.fully_failed())), None)
+    every_rank_dead = not any_rank(dead is None)  # ranks decide together
+    state.consecutive_reward_failures = state.consecutive_reward_failures + 1 if every_rank_dead else 0
+    if state.consecutive_reward_failures >= s.max_failed_reward_steps:
+        last = latest_checkpoint(s.run_dir)
+        first = next(r.failures[dead][1] for r in results if dead in r.failures) if dead else "(on another rank)"
+        raise RlctlError(
+            f"stopping: reward {dead!r} failed on every sample for {state.consecutive_reward_failures} steps in a row "
+            f"(reward.max_failed_steps={s.max_failed_reward_steps}): {first}; the last good checkpoint is "
+            f"{last if last is not None else 'none (no checkpoint was saved yet)'}"
+        )
+
+
+def _with_steps(s: Stages, batch: Batch, steps) -> Batch:
+    if steps is None:
+        return batch
+    responses = batch.input_ids[:, -batch.response_length :]
+    return batch.with_(step_rewards=step_rewards_to_tokens(s.tokenizer, responses, batch.response_mask, steps))
+
+
+def _display(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
