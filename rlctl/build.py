@@ -215,13 +215,18 @@ def check_resumable(checkpoint: Path, config: dict | None, needs_critic: bool, w
     if config is None:
         return
     before = saved["config"]
-    for key in sorted(set(before) | set(config)):
-        if key.startswith(RESUMABLE_CHANGES) or before.get(key) == config.get(key):
-            continue
+    changed = [
+        k for k in set(before) | set(config) if not k.startswith(RESUMABLE_CHANGES) and before.get(k) != config.get(k)
+    ]
+    if changed:
+        first = ("model.path", "data.source", "data.path", "data.eval_path", "reward.fn", "reward.terms", "algo.name")
+        changed.sort(key=lambda k: (first.index(k) if k in first else len(first), k))  # what defines the run first
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {config.get(k)!r})" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise RlctlError(
-            f"resume: {key} was {before.get(key)!r} in {checkpoint} and is {config.get(key)!r} now; a resumed run "
-            f"keeps what defines it (only steps, logger.*, eval.every, checkpoint.*, ... may change); "
-            f"pass {key}={before.get(key)} or start a new run (resume=never in a new folder)"
+            f"resume: {checkpoint} was trained with other settings: {shown}{more}; a resumed run keeps what defines "
+            f"it (only steps, logger.*, eval.every, checkpoint.*, ... may change): pass the old values, or start a "
+            "new run in a new folder"
         )
 
 
