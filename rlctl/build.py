@@ -260,8 +260,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         check_resumable(resume_from, config, algo.needs_values, ranks.world_size)
         if ranks.is_main:
             drop_metrics_after(run_dir / "metrics.jsonl", read_trainer_state(resume_from)["step"])
+    examples = load_examples(settings.source.source, settings.source)  # data errors come before any model loads
     model, tokenizer = load_model_and_tokenizer(cfg, str(resume_from / "policy") if resume_from else None)
-    train_prompts, held_out = build_prompts(cfg, tokenizer)
+    train_prompts, held_out = (encode_prompts(part, settings.prompt_format, tokenizer) for part in examples)
     if len(train_prompts) == 0:
         raise RlctlError(
             f"data: every training prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}"

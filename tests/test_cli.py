@@ -179,7 +179,8 @@ def test_config_errors_come_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "load_value_model", no_loading)
     register_schemas()
     for overrides, message in ((["algo.dual_clip=0.5"], "algo.dual_clip"), (["algo.kl_target=-1"], "algo.kl_target"),
-                               (["algo=ppo", "critic.path=/nope"], "critic.path"), (["optim.schedule=cosin"], "optim.schedule")):  # fmt: skip
+                               (["algo=ppo", "critic.path=/nope"], "critic.path"), (["optim.schedule=cosin"], "optim.schedule"),
+                               (["data=jsonl", "data.path=/nope.jsonl"], "data")):  # fmt: skip
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose("train", overrides=["recipe=smoke", "logger.console=false", *overrides])
         with pytest.raises(RlctlError, match=f"^{message}: "):
