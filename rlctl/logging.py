@@ -98,6 +98,9 @@ class ConsoleSink:
         self.progress.stop()
 
 
+LIBRARY_LOGGERS = ("", "transformers", "DeepSpeed", "torch")  # "" is the root logger
+
+
 class LogFileSink:
     """``train.log``: what the console shows (markup stripped), plus the warnings libraries log.
     Appends, so a resumed run keeps its earlier lines."""
@@ -107,7 +110,8 @@ class LogFileSink:
         self.handle = path.open("a", encoding="utf-8")
         self.console = Console(file=self.handle, width=120, no_color=True, highlight=False, soft_wrap=True)
         self.handler = _FileHandler(self)
-        logging.getLogger().addHandler(self.handler)  # library warnings (transformers, deepspeed, ...)
+        for name in LIBRARY_LOGGERS:  # the root logger, and libraries that do not propagate to it
+            logging.getLogger(name).addHandler(self.handler)
         logging.captureWarnings(True)
 
     def write(self, text: str) -> None:
@@ -127,7 +131,8 @@ class LogFileSink:
         self.write(text)
 
     def close(self) -> None:
-        logging.getLogger().removeHandler(self.handler)
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).removeHandler(self.handler)
         self.handle.close()
 
 

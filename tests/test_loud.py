@@ -202,3 +202,23 @@ def test_ctrl_c_during_the_final_evaluation_exits_cleanly_with_a_resume_hint(tmp
     assert summary["stopped_by"] == "SIGINT"
     assert any("interrupted after training" in m and "Resume with: rlctl train recipe=smoke" in m for m in messages)
     assert (tmp_path / "checkpoints" / "latest").exists() and not (tmp_path / "eval.json").exists()
+
+
+def test_train_log_keeps_library_warnings_too(tmp_path):
+    import logging
+    import warnings
+
+    from rlctl.logging import LogFileSink
+
+    sink = LogFileSink(tmp_path / "train.log", total_steps=1)
+    try:
+        sink.message("[bold]eval before training:[/bold] accuracy 0.5")
+        logging.getLogger("transformers").warning("a transformers warning")  # transformers does not propagate
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a python warning", UserWarning, stacklevel=1)
+    finally:
+        sink.close()
+    log = (tmp_path / "train.log").read_text()
+    assert "eval before training: accuracy 0.5" in log and "[bold]" not in log
+    assert "warning: a transformers warning" in log and "a python warning" in log
