@@ -14,6 +14,8 @@ from rlctl.errors import RlctlError
 CURVES = (("reward/mean", "reward"), ("accuracy", "accuracy (train samples)"), ("kl", "KL to reference"),
           ("response_len/mean", "response length (tokens)"))  # fmt: skip
 SWEEP_COLUMNS = ("reward/mean", "accuracy", "kl", "response_len/mean")
+SHORT_NAMES = {"reward/mean": "reward", "accuracy": "acc", "response_len/mean": "len", "eval before": "before",
+               "eval after": "after"}  # fmt: skip
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -107,11 +109,13 @@ def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
     """A table of every job under a multirun folder: its overrides, final metrics, held-out accuracy.
     Printed, and written beside the jobs as ``summary.md`` and ``summary.jsonl``; a failed job is
     marked failed with its error."""
-    table = Table(title=f"sweep {sweep_dir}")
+    from rich import box
+
+    table = Table(title=f"sweep {sweep_dir}", box=box.SIMPLE_HEAD)  # light borders: room for the columns
     table.add_column("job")
-    table.add_column("overrides", overflow="fold", min_width=24)  # wraps; never squeezed out
+    table.add_column("overrides", overflow="fold", min_width=20)  # wraps; never squeezed out
     for column in (*SWEEP_COLUMNS, "eval before", "eval after"):
-        table.add_column(column, justify="right")
+        table.add_column(SHORT_NAMES.get(column, column), justify="right")
     jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     overrides_of = {}
     for job in jobs:
@@ -135,7 +139,11 @@ def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
         if not last:
             error = failed.read_text().strip() if failed.exists() else "no metrics"
             record.update(status="failed", error=error)
-            table.add_row(job.name, overrides, "[red]failed[/red]", error[:60], *[""] * (len(SWEEP_COLUMNS)))
+            table.add_row(
+                job.name,
+                f"{overrides}\n[red]failed: {error}[/red]",
+                *["[red]failed[/red]"] + [""] * (len(SWEEP_COLUMNS) + 1),
+            )
             records.append(record)
             continue
         evaluation = json.loads((job / "eval.json").read_text()) if (job / "eval.json").exists() else {}

@@ -122,6 +122,16 @@ def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
     assert "optim.lr: must be a positive number" in records[1]["error"]
     summary = (sweep / "summary.md").read_text()
     assert "| 1 | failed | optim.lr=-1 |" in summary
+    # On an 80-column terminal the overrides column and the last column both stay in view.
+    from rich.console import Console
+
+    from rlctl.report import sweep_table
+
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    sweep_table(sweep, console)
+    text = console.export_text()
+    assert "optim.lr=2e-05" in text and "failed: optim.lr: must be" in text.replace("\n        ", " ")
+    assert "after" in text
 
 
 @pytest.mark.parametrize(
