@@ -140,8 +140,12 @@ class _FileHandler(logging.Handler):
     def __init__(self, sink: LogFileSink):
         super().__init__(level=logging.WARNING)
         self.sink = sink
+        self.last: logging.LogRecord | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record is self.last:  # attached to a library's logger and to the root: one record, one line
+            return
+        self.last = record
         try:
             self.sink.handle.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
             self.sink.handle.flush()
