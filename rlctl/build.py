@@ -19,7 +19,7 @@ from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
 from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import SOURCES, SourceSpec
 from rlctl.distributed import Ranks, init_process_group, launched_ranks
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields
 from rlctl.evaluate import EvalSpec, Evaluator
 from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, WandbSink
 from rlctl.optim.engine import (
@@ -57,9 +57,7 @@ class CriticSpec:
         checks = (("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
                   ("warmup_steps", self.warmup_steps >= 0, "must be ≥ 0"),
                   ("max_grad_norm", self.max_grad_norm >= 0, "must be ≥ 0 (0 = no clipping)"))  # fmt: skip
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)}")
+        check_fields(self, checks)
 
 
 @dataclass(frozen=True)
@@ -91,9 +89,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
             raise RlctlError(f"{key}: must be ≥ 1, got {value}")
     if cfg.engine.precision not in PRECISIONS:
         raise RlctlError(f"engine.precision: must be one of {' | '.join(PRECISIONS)}, got {cfg.engine.precision!r}")
-    if cfg.rollout.backend not in BACKENDS:
-        raise RlctlError(f"rollout.backend: unknown backend {cfg.rollout.backend!r}; known: {sorted(BACKENDS)}")
-    sampling = fill("rollout", cfg.rollout, SamplingParams)
+    sampling = sampling_params(cfg.rollout)
     algo = fill("algo", cfg.algo, Algorithm, max_new_tokens=sampling.max_new_tokens)
     critic = fill("critic", cfg.critic, CriticSpec)
     source, prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)
@@ -198,9 +194,10 @@ def flat_config(cfg: DictConfig) -> dict:
     return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
 
 
-def check_resumable(checkpoint: Path, config: dict | None, needs_critic: bool, world_size: int) -> None:
+def check_resumable(checkpoint: Path, config: dict | None, needs_critic: bool, world_size: int) -> dict:
     """A checkpoint resumes only the run it came from: the same settings but those in
-    RESUMABLE_CHANGES, a critic iff the algorithm has one, the same number of processes."""
+    RESUMABLE_CHANGES, a critic iff the algorithm has one, the same number of processes.
+    Returns the checkpoint's trainer state."""
     saved = read_trainer_state(checkpoint)
     if saved["world_size"] != world_size:
         raise RlctlError(
@@ -213,7 +210,7 @@ def check_resumable(checkpoint: Path, config: dict | None, needs_critic: bool, w
             f"{'needs' if needs_critic else 'does not use'} one; resume with the algorithm it was trained with"
         )
     if config is None:
-        return
+        return saved
     before = saved["config"]
     changed = [
         k for k in set(before) | set(config) if not k.startswith(RESUMABLE_CHANGES) and before.get(k) != config.get(k)
@@ -228,6 +225,7 @@ def check_resumable(checkpoint: Path, config: dict | None, needs_critic: bool, w
             f"it (only steps, logger.*, eval.every, checkpoint.*, ... may change): pass the old values, or start a "
             "new run in a new folder"
         )
+    return saved
 
 
 def refuse_a_second_run_in(run_dir: Path) -> None:
@@ -257,9 +255,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         if ranks.is_main:  # the main rank writes metrics.jsonl: another rank could see the new one
             refuse_a_second_run_in(run_dir)
     else:
-        check_resumable(resume_from, config, algo.needs_values, ranks.world_size)
+        saved = check_resumable(resume_from, config, algo.needs_values, ranks.world_size)
         if ranks.is_main:
-            drop_metrics_after(run_dir / "metrics.jsonl", read_trainer_state(resume_from)["step"])
+            drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
     examples = load_examples(settings.source.source, settings.source)  # data errors come before any model loads
     model, tokenizer = load_model_and_tokenizer(cfg, str(resume_from / "policy") if resume_from else None)
     train_prompts, held_out = (encode_prompts(part, settings.prompt_format, tokenizer) for part in examples)
@@ -333,7 +331,8 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         sampler=PromptSampler(len(train_prompts), layout.prompts_per_step * ranks.world_size, cfg.data.seed),
         evaluator=build_evaluator(cfg, held_out, tokenizer, rewards, policy.autocast), logger=logger,
         checkpoints=settings.checkpoints, run_dir=run_dir, steps=cfg.steps, save_final=cfg.save_final,
-        critic_warmup_steps=settings.critic.warmup_steps, max_failed_reward_steps=cfg.reward.max_failed_steps, eval_every=settings.eval.every,
-        sample_every=log.sample_every, samples_shown=log.samples_shown, ranks=ranks, model_path=cfg.model.path,
+        critic_warmup_steps=settings.critic.warmup_steps, max_failed_reward_steps=cfg.reward.max_failed_steps,
+        eval_every=settings.eval.every,
+        sample_every=log.sample_every, samples_shown=log.samples_shown, ranks=ranks,
         resume_from=resume_from, resume_command=resume_command, config=config or {},
     )  # fmt: skip

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from rlctl.distributed import barrier
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields
 
 if TYPE_CHECKING:
     from rlctl.trainer import Stages
@@ -48,9 +48,8 @@ class CheckpointPolicy:
     max_consecutive_skips: int  # stop after this many non-finite updates in a row
 
     def __post_init__(self) -> None:
-        for key, minimum in (("every", 0), ("keep_last", 1), ("max_consecutive_skips", 1)):
-            if getattr(self, key) < minimum:
-                raise ValueError(f"{key}: must be ≥ {minimum}, got {getattr(self, key)}")
+        check_fields(self, (("every", self.every >= 0, "must be ≥ 0"), ("keep_last", self.keep_last >= 1, "must be ≥ 1"),
+                            ("max_consecutive_skips", self.max_consecutive_skips >= 1, "must be ≥ 1")))  # fmt: skip
 
 
 @dataclass
@@ -152,6 +151,12 @@ def latest_checkpoint(run_or_checkpoints: Path) -> Path | None:
     return candidate if (candidate / "trainer_state.json").exists() else None
 
 
+def last_good_checkpoint(run_dir: Path) -> str:
+    """For the message of a run that stops: the newest complete checkpoint, or that there is none."""
+    last = latest_checkpoint(run_dir)
+    return str(last) if last is not None else "none (no checkpoint was saved yet)"
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     """``never`` -> None; ``auto`` -> the newest checkpoint in this run folder (None if there is none);
     a path -> that checkpoint, or the newest one inside that run folder (an error if there is none)."""
@@ -208,7 +213,7 @@ def save_resumable(s: Stages, state: TrainState) -> Path:
             "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
             "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
             "consecutive_reward_failures": state.consecutive_reward_failures,
-            "sampler": s.sampler.state_dict(), "model_path": s.model_path, "has_critic": s.critic is not None,
+            "sampler": s.sampler.state_dict(), "has_critic": s.critic is not None,
             "world_size": s.ranks.world_size, "config": s.config,
         }  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))

@@ -170,8 +170,10 @@ def run_generate(cfg) -> list:
     from rich.table import Table
 
     from rlctl.build import build_prompts, load_model_and_tokenizer, sampling_params
+    from rlctl.config import fill
     from rlctl.data import Example, encode_prompts
     from rlctl.data.prompts import PromptFormat
+    from rlctl.data.sources import SourceSpec
     from rlctl.optim.engine import make_accelerator
     from rlctl.rollout import BACKENDS
 
@@ -185,9 +187,8 @@ def run_generate(cfg) -> list:
         )  # fmt: skip
     model, tokenizer = load_model_and_tokenizer(cfg)
     if cfg.prompts:
-        d = cfg.data
-        fmt = PromptFormat(d.prompt_template, d.system_prompt, d.chat_template, d.max_prompt_tokens, d.overlong)
-        prompts = encode_prompts([Example(p, "", "command line") for p in cfg.prompts], fmt, tokenizer)
+        _, prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)
+        prompts = encode_prompts([Example(p, "", "command line") for p in cfg.prompts], prompt_format, tokenizer)
     else:
         _, prompts = build_prompts(cfg, tokenizer)
         prompts = type(prompts)(prompts.examples[: cfg.num_prompts], prompts.token_ids[: cfg.num_prompts], 0, 0)
@@ -264,27 +265,8 @@ def _hydra_app(command: str, recipe_base=None):
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir) if command == "train" else None
         in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-        try:
-            check_known_keys(cfg, SCHEMAS[command])
-            if command in SETTINGS_FROM_RUN:
-                cfg = _with_run_settings(cfg, command, recipe_base)
-            return COMMANDS[command](cfg)
-        except (RlctlError, KeyboardInterrupt, Exception) as err:
-            message = (
-                str(err)
-                if isinstance(err, RlctlError)
-                else "interrupted"
-                if isinstance(err, KeyboardInterrupt)
-                else None
-            )
-            if message is None and not in_sweep:
-                raise  # a bug: the traceback is what we need
-            if message is None:
-                import traceback
 
-                message = f"{type(err).__name__}: {err}"
-                if run_dir is not None:
-                    append_to_log(run_dir, traceback.format_exc())
+        def give_up(message: str):
             if run_dir is not None:  # the folder of a run that failed holds why
                 append_to_log(run_dir, f"error: {message}")
             if in_sweep and run_dir is not None:  # one failing job must not cancel the others
@@ -292,6 +274,24 @@ def _hydra_app(command: str, recipe_base=None):
                 err_console.print(f"[bold red]job {hydra_cfg.job.num} failed:[/bold red] {message}", soft_wrap=True)
                 return None
             fail(message)
+
+        try:
+            check_known_keys(cfg, SCHEMAS[command])
+            if command in SETTINGS_FROM_RUN:
+                cfg = _with_run_settings(cfg, command, recipe_base)
+            return COMMANDS[command](cfg)
+        except RlctlError as err:
+            return give_up(str(err))
+        except KeyboardInterrupt:
+            return give_up("interrupted")
+        except Exception as err:
+            if not in_sweep:
+                raise  # a bug outside a sweep: the traceback is what we need
+            if run_dir is not None:
+                import traceback
+
+                append_to_log(run_dir, traceback.format_exc())
+            return give_up(f"{type(err).__name__}: {err}")
 
     task.__name__ = command
     return hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=command)(task)

@@ -6,3 +6,11 @@ class RlctlError(Exception):
 
     The message must say what was wrong and where: the config key, the file, the row.
     """
+
+
+def check_fields(obj, checks) -> None:
+    """For a settings object's ``__post_init__``: raise ``ValueError("key: requirement, got value")``
+    for the first ``(key, ok, requirement)`` that fails (``config.fill`` prefixes the group)."""
+    for key, ok, requirement in checks:
+        if not ok:
+            raise ValueError(f"{key}: {requirement}, got {getattr(obj, key)!r}")

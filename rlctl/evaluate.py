@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from rlctl.data.prompts import PromptSet
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout
 
@@ -38,9 +38,7 @@ class EvalSpec:
         checks = (("every", self.every >= 0, "must be ≥ 0"), ("n_samples", self.n_samples >= 1, "must be ≥ 1"),
                   ("temperature", self.temperature >= 0, "must be ≥ 0 (0 = greedy)"),
                   ("batch_size", self.batch_size >= 1, "must be ≥ 1"))  # fmt: skip
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)}")
+        check_fields(self, checks)
         bad = [k for k in self.pass_k if not 1 <= k <= self.n_samples]
         if bad:
             raise ValueError(f"pass_k: every k must be between 1 and eval.n_samples={self.n_samples}, got {bad}")

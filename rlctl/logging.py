@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
                 ("response_len/mean", "len"))  # fmt: skip
@@ -35,9 +35,7 @@ class LogSpec:
     wandb_entity: str | None
 
     def __post_init__(self) -> None:
-        for key in ("sample_every", "samples_shown"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: must be ≥ 0, got {getattr(self, key)}")
+        check_fields(self, [(key, getattr(self, key) >= 0, "must be ≥ 0") for key in ("sample_every", "samples_shown")])
 
 
 class Sink(Protocol):
@@ -106,7 +104,7 @@ class LogFileSink:
     Appends, so a resumed run keeps its earlier lines."""
 
     def __init__(self, path: Path, total_steps: int):
-        self.path, self.total = path, total_steps
+        self.total = total_steps
         self.handle = path.open("a", encoding="utf-8")
         self.console = Console(file=self.handle, width=120, no_color=True, highlight=False, soft_wrap=True)
         self.handler = _FileHandler(self)

@@ -10,7 +10,7 @@ import torch
 
 from rlctl.algos import shaping
 from rlctl.batch import Batch, concat
-from rlctl.checkpoint import TrainState, latest_checkpoint
+from rlctl.checkpoint import TrainState, last_good_checkpoint
 from rlctl.distributed import any_rank
 from rlctl.errors import RlctlError
 from rlctl.logging import Timer
@@ -73,18 +73,22 @@ def sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], 
 def check_reward_failures(s: Stages, state: TrainState, results: list) -> None:
     """Say which reward term failed and why; stop when a term has failed on every sample of
     ``max_failed_reward_steps`` steps in a row (the run would train on fallback scores alone)."""
-    for name, (count, first) in {k: v for r in results for k, v in r.failures.items()}.items():
+    failed: dict[str, tuple[int, str]] = {}  # over every rollout of the step (dynamic sampling may make several)
+    for result in results:
+        for name, (count, first) in result.failures.items():
+            total, first_seen = failed.get(name, (0, first))
+            failed[name] = (total + count, first_seen)
+    for name, (count, first) in failed.items():
         s.logger.message(f"[yellow]step {state.step}: reward {name!r} failed on {count} samples: {first}")
     dead = next((name for r in results if (name := r.fully_failed())), None)
     every_rank_dead = not any_rank(dead is None)  # ranks decide together
     state.consecutive_reward_failures = state.consecutive_reward_failures + 1 if every_rank_dead else 0
     if state.consecutive_reward_failures >= s.max_failed_reward_steps:
-        last = latest_checkpoint(s.run_dir)
-        first = next(r.failures[dead][1] for r in results if dead in r.failures) if dead else "(on another rank)"
+        first = failed[dead][1] if dead else "(on another rank)"
         raise RlctlError(
             f"stopping: reward {dead!r} failed on every sample for {state.consecutive_reward_failures} steps in a row "
             f"(reward.max_failed_steps={s.max_failed_reward_steps}): {first}; the last good checkpoint is "
-            f"{last if last is not None else 'none (no checkpoint was saved yet)'}"
+            f"{last_good_checkpoint(s.run_dir)}"
         )
 
 

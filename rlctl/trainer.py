@@ -20,6 +20,7 @@ from rlctl.checkpoint import (
     StopRequest,
     TrainState,
     export_final,
+    last_good_checkpoint,
     latest_checkpoint,
     restore,
     save_resumable,
@@ -65,7 +66,6 @@ class Stages:
     sample_every: int = 0  # steps between sample tables (0 = never)
     samples_shown: int = 3
     ranks: Ranks = Ranks()  # this process's place in a data-parallel launch
-    model_path: str = ""  # what the policy was initialised from; a checkpoint must match it to resume
     resume_from: Path | None = None  # a checkpoint whose weights build already loaded
     resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
     config: dict = field(default_factory=dict)  # the run's settings as dotted keys, kept in checkpoints
@@ -218,11 +218,10 @@ def train(s: Stages) -> dict:
                     f"({state.consecutive_skips} in a row, {state.skipped_steps} in all)"
                 )
             if state.consecutive_skips >= policy.max_consecutive_skips:
-                last = latest_checkpoint(s.run_dir)
                 raise RlctlError(
                     f"stopping: {state.consecutive_skips} steps in a row had a non-finite loss or gradient "
                     f"(checkpoint.max_consecutive_skips={policy.max_consecutive_skips}); the last good checkpoint is "
-                    f"{last if last is not None else 'none (no checkpoint was saved yet)'}"
+                    f"{last_good_checkpoint(s.run_dir)}"
                 )
             if s.eval_every and state.step % s.eval_every == 0 and state.step != s.steps:
                 evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, f"at step {state.step}")

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ class OptimSpec:
             ("minibatch_size", self.minibatch_size >= 0, "must be ≥ 0 (0 = the step's whole batch)"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be ≥ 1"),
         )  # fmt: skip
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)!r}")
+        check_fields(self, checks)
         object.__setattr__(self, "betas", betas)
 
 

@@ -107,16 +107,15 @@ def load_user_reward(spec: str) -> Callable[..., float]:
         raise RlctlError(f"reward.fn: {file} defines no function {name!r} (it defines: {defined})")
     signature = inspect.signature(fn)
     if "completions" in signature.parameters:  # TRL's batched convention
+        answers_name = "answers" if "answers" in signature.parameters else "answer"
         try:
-            signature.bind(completions=[], answers=[]) if "answers" in signature.parameters else signature.bind(
-                completions=[], **({"answer": []} if "answer" in signature.parameters else {})
-            )
+            signature.bind(completions=[], **({answers_name: []} if answers_name in signature.parameters else {}))
         except TypeError:
             raise RlctlError(
                 f"reward.fn: {name}{signature} in {file}: a batched reward gets completions= and answers= (lists) "
                 "and returns a list of scores; it may not require other arguments"
             ) from None
-        return BatchedReward(fn, "answers" if "answers" in signature.parameters else "answer")
+        return BatchedReward(fn, answers_name)
     try:
         signature.bind("completion", "answer")
     except TypeError:
@@ -211,25 +210,30 @@ class WeightedRewards:
         self._failures: dict[str, tuple[int, str]] = {}  # of the current call: term -> (count, first error)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
+    def _run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` within reward.timeout_s (0 = no limit); a call that runs over raises
+        TimeoutError and is abandoned with its thread (later calls get a new one)."""
+        if self.timeout_s <= 0:
+            return fn(*args, **kwargs)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        try:
+            return self._pool.submit(fn, *args, **kwargs).result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            raise TimeoutError(f"took longer than reward.timeout_s={self.timeout_s}s") from None
+
     def _call(self, fn, term: Term, completion: str, answer: str):
         try:
-            if self.timeout_s > 0:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
-                value = self._pool.submit(fn, completion, answer, **term.params).result(timeout=self.timeout_s)
-            else:
-                value = fn(completion, answer, **term.params)
+            value = self._run(fn, completion, answer, **term.params)
             if not isinstance(value, (list, tuple)) and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise TypeError(f"returned {value!r}, not a finite number or a list of step rewards")
             return value
         except RlctlError:
             raise
         except Exception as err:  # the reward is user code: any failure becomes the fallback score
-            if isinstance(err, concurrent.futures.TimeoutError):
-                self._pool.shutdown(wait=False)  # the stuck call keeps its thread; later calls get a new one
-                self._pool = None
-                err = TimeoutError(f"took longer than reward.timeout_s={self.timeout_s}s")
-            return self._fail(term, err, completion if isinstance(completion, str) else "(a batch)")
+            return self._fail(term, err, completion)
 
     def _fail(self, term: Term, err: Exception, completion: str, samples: int = 1) -> float:
         """Count ``samples`` failed samples of ``term`` and give the fallback (or stop, with on_error=stop)."""
@@ -246,24 +250,14 @@ class WeightedRewards:
         """One call for the whole batch: if it fails every sample gets the fallback; a None or
         non-finite entry gives that sample the fallback."""
         try:
-            values = fn(completions, answers) if self.timeout_s <= 0 else self._in_pool(fn, completions, answers)
+            values = self._run(fn, completions, answers)
         except Exception as err:
-            if isinstance(err, concurrent.futures.TimeoutError):
-                self._pool.shutdown(wait=False)
-                self._pool = None
-                err = TimeoutError(f"took longer than reward.timeout_s={self.timeout_s}s")
-            value = self._fail(term, err, "(a batch)", samples=len(completions))
-            return [value] * len(completions)
+            return [self._fail(term, err, "(a batch)", samples=len(completions))] * len(completions)
         return [
             v if isinstance(v, (int, float)) and math.isfinite(v) or isinstance(v, (list, tuple))
             else self._fail(term, TypeError(f"returned {v!r} for one completion"), completion)
             for v, completion in zip(values, completions)
         ]  # fmt: skip
-
-    def _in_pool(self, fn, *args):
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
-        return self._pool.submit(fn, *args).result(timeout=self.timeout_s)
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardResult:
         self._failures = {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rlctl.batch import Batch
+from rlctl.errors import check_fields
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,7 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be ≥ 0 (0 = off)"),
             ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
         )
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)}")
+        check_fields(self, checks)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
