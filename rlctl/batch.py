@@ -27,6 +27,7 @@ class Batch:
     scores: torch.Tensor | None = None  # [B] sequence reward
     correct: torch.Tensor | None = None  # [B] bool
     length_penalty: torch.Tensor | None = None  # [B] the part of ``scores`` that punishes length (DAPO overlong)
+    rollout_logprobs: torch.Tensor | None = None  # [B, T] what the rollout engine sampled with (vllm; hf: None)
     old_logprobs: torch.Tensor | None = None  # [B, T] from the policy that sampled (None: same as current)
     ref_logprobs: torch.Tensor | None = None  # [B, T] from the frozen reference
     step_rewards: torch.Tensor | None = None  # [B, T] process rewards on their tokens (None: one score per sequence)
@@ -75,6 +76,7 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
             "correct",
             "length_penalty",
             "step_rewards",
+            "rollout_logprobs",
         )
     }
     offset = 0
@@ -96,6 +98,7 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
         )
         parts["response_mask"].append(pad(b.response_mask, (0, right)))
         parts["step_rewards"].append(None if b.step_rewards is None else pad(b.step_rewards, (0, right)))
+        parts["rollout_logprobs"].append(None if b.rollout_logprobs is None else pad(b.rollout_logprobs, (0, right)))
         parts["group_ids"].append(b.group_ids - b.group_ids.min() + offset)
         offset = int(parts["group_ids"][-1].max()) + 1
         parts["scores"].append(b.scores)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from rlctl.optim.engine import (
     PRECISIONS,
     DeepSpeedEngine,
     Engine,
+    FrozenPolicy,
     OptimSpec,
     ZeroSpec,
     frozen_for_inference,
@@ -34,7 +37,9 @@ from rlctl.optim.engine import (
 from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.rules import Term
-from rlctl.rollout import BACKENDS, SamplingParams
+from rlctl.algos.correction import MismatchCorrection
+from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
+from rlctl.rollout.vllm import VLLMSpec
 from rlctl.trainer import Stages
 
 
@@ -70,6 +75,8 @@ class TrainSettings:
     critic: CriticSpec
     zero: ZeroSpec
     sampling: SamplingParams
+    vllm: VLLMSpec
+    correction: MismatchCorrection
     source: SourceSpec
     prompt_format: PromptFormat
     eval: EvalSpec
@@ -89,7 +96,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
             raise RlctlError(f"{key}: must be ≥ 1, got {value}")
     if cfg.engine.precision not in PRECISIONS:
         raise RlctlError(f"engine.precision: must be one of {' | '.join(PRECISIONS)}, got {cfg.engine.precision!r}")
-    sampling = sampling_params(cfg.rollout)
+    sampling, vllm, correction = rollout_settings(cfg.rollout)
     algo = fill("algo", cfg.algo, Algorithm, max_new_tokens=sampling.max_new_tokens)
     critic = fill("critic", cfg.critic, CriticSpec)
     source, prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)
@@ -116,7 +123,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         models.check_path(critic.path, "critic.path")
     return TrainSettings(
         algo=algo, optim=replace(optim, total_updates=cfg.steps * layout.updates_per_step), critic=critic,
-        zero=zero, sampling=sampling, source=source, prompt_format=prompt_format,
+        zero=zero, sampling=sampling, vllm=vllm, correction=correction, source=source, prompt_format=prompt_format,
         eval=fill("eval", cfg.eval, EvalSpec), log=fill("logger", cfg.logger, LogSpec),
         checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy), layout=layout, ranks=ranks,
     )  # fmt: skip
@@ -153,19 +160,78 @@ def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
     return encode_prompts(train, prompt_format, tokenizer), encode_prompts(held_out, prompt_format, tokenizer)
 
 
-def sampling_params(rollout: DictConfig, **changes) -> SamplingParams:
+def rollout_settings(rollout: DictConfig, **changes) -> tuple[SamplingParams, VLLMSpec, MismatchCorrection]:
+    """The ``rollout`` group as its three consumers: sampling, the vLLM engine, the mismatch correction."""
     if rollout.backend not in BACKENDS:
-        raise RlctlError(f"rollout.backend: unknown backend {rollout.backend!r}; known: {sorted(BACKENDS)}")
-    return replace(fill("rollout", rollout, SamplingParams), **changes)
+        raise RlctlError(f"rollout.backend: unknown backend {rollout.backend!r}; known: {list(BACKENDS)}")
+    sampling, vllm, correction = fill("rollout", rollout, SamplingParams, VLLMSpec, MismatchCorrection)
+    if correction.is_correction != "none" and sampling.backend == "hf":
+        raise RlctlError(
+            f"rollout.is_correction={correction.is_correction}: the hf backend samples with the training model itself "
+            "and returns no sampling log-probs to correct against; use rollout.is_correction=none, or rollout=vllm"
+        )
+    if sampling.backend == "vllm":
+        from rlctl.rollout.vllm import check_installed
+
+        check_installed()
+    return replace(sampling, **changes), vllm, correction
 
 
-def build_evaluator(cfg: DictConfig, held_out: PromptSet, tokenizer, rewards, autocast) -> Evaluator | None:
+def rollout_model_folder(model_path: str, model: torch.nn.Module) -> str:
+    """What a vLLM engine loads at start: the policy's own folder or hub id; for a model with no
+    folder (``random:tiny``) a temporary copy of its initial weights, removed once the engine has
+    started. The engine receives the policy's weights before its first rollout in any case."""
+    if not model_path.startswith(models.RANDOM_PREFIX):
+        return models.resolve(model_path)
+    folder = tempfile.mkdtemp(prefix="rlctl-rollout-")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_rollout(
+    cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: str | None
+):
+    """The rollout backend: ``hf`` generates with the policy's model; ``vllm`` starts its engine here."""
+    if sampling.backend == "hf":
+        return HFRollout(tokenizer, sampling, autocast)
+    from rlctl.rollout.vllm import VLLMEngine, VLLMRollout
+
+    try:
+        engine = VLLMEngine(
+            model_folder, vllm, cfg.engine.precision,
+            max_model_len=cfg.data.max_prompt_tokens + sampling.max_new_tokens,
+            seed=cfg.engine.seed + launched_ranks().rank,
+        )  # fmt: skip
+    finally:
+        if model_folder.startswith(tempfile.gettempdir()) and Path(model_folder).name.startswith("rlctl-rollout-"):
+            shutil.rmtree(model_folder, ignore_errors=True)
+    return VLLMRollout(tokenizer, sampling, engine)
+
+
+def build_evaluator(cfg: DictConfig, held_out: PromptSet, rewards, rollout) -> Evaluator | None:
+    """The held-out evaluation, sampling through ``rollout``'s backend (its engine shared) with eval's settings."""
     spec = fill("eval", cfg.eval, EvalSpec)
     if not spec.enabled or len(held_out) == 0:
         return None
-    params = sampling_params(cfg.rollout, temperature=spec.temperature, batch_size=spec.batch_size)
-    rollout = BACKENDS[params.backend](tokenizer, params, autocast)
-    return Evaluator(held_out, rollout, rewards, spec.n_samples, list(spec.pass_k))
+    params = replace(rollout.params, temperature=spec.temperature, batch_size=spec.batch_size)
+    return Evaluator(held_out, rollout.with_params(params), rewards, spec.n_samples, list(spec.pass_k))
+
+
+def build_inference(cfg: DictConfig):
+    """``rlctl eval`` / ``generate``: (policy, tokenizer, rollout) for model.path. With vllm the engine
+    loads the weights from the folder itself, so the model is not loaded a second time for it."""
+    sampling, vllm, _ = rollout_settings(cfg.rollout)
+    m = cfg.model
+    if sampling.backend == "hf" or m.path.startswith(models.RANDOM_PREFIX):
+        model, tokenizer = load_model_and_tokenizer(cfg)
+    else:
+        model, tokenizer = None, models.load_tokenizer(m.path, m.trust_remote_code)
+    policy = FrozenPolicy(model)
+    folder = rollout_model_folder(m.path, model) if sampling.backend == "vllm" else None
+    rollout = build_rollout(cfg, sampling, vllm, tokenizer, make_accelerator(cfg.engine.precision).autocast, folder)
+    if sampling.backend == "vllm":
+        rollout.engine.holds_weights_of(policy)  # loaded from the same folder
+    return policy, tokenizer, rollout
 
 
 def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None):
@@ -260,6 +326,11 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
             drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
     examples = load_examples(settings.source.source, settings.source)  # data errors come before any model loads
     model, tokenizer = load_model_and_tokenizer(cfg, str(resume_from / "policy") if resume_from else None)
+    rollout_folder = (  # before ZeRO-3 partitions the weights
+        rollout_model_folder(str(resume_from / "policy") if resume_from else cfg.model.path, model)
+        if settings.sampling.backend == "vllm"
+        else None
+    )
     train_prompts, held_out = (encode_prompts(part, settings.prompt_format, tokenizer) for part in examples)
     if len(train_prompts) == 0:
         raise RlctlError(
@@ -324,12 +395,13 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
                         "data/prompts_skipped": train_prompts.skipped + held_out.skipped,
                         "data/prompts_truncated": train_prompts.truncated + held_out.truncated}, 0)  # fmt: skip
 
-    rollout = BACKENDS[settings.sampling.backend](tokenizer, settings.sampling, policy.autocast)
+    rollout = build_rollout(cfg, settings.sampling, settings.vllm, tokenizer, policy.autocast, rollout_folder)
     return Stages(
         tokenizer=tokenizer, policy=policy, critic=critic, reference=reference, rollout=rollout, rewards=rewards,
-        algo=algo, layout=layout, sampling=settings.sampling, train_prompts=train_prompts,
+        algo=algo, layout=layout, sampling=settings.sampling, correction=settings.correction,
+        train_prompts=train_prompts,
         sampler=PromptSampler(len(train_prompts), layout.prompts_per_step * ranks.world_size, cfg.data.seed),
-        evaluator=build_evaluator(cfg, held_out, tokenizer, rewards, policy.autocast), logger=logger,
+        evaluator=build_evaluator(cfg, held_out, rewards, rollout), logger=logger,
         checkpoints=settings.checkpoints, run_dir=run_dir, steps=cfg.steps, save_final=cfg.save_final,
         critic_warmup_steps=settings.critic.warmup_steps, max_failed_reward_steps=cfg.reward.max_failed_steps,
         eval_every=settings.eval.every,

@@ -147,18 +147,17 @@ def _with_run_settings(cfg, command: str, recipe_base):
 
 
 def run_eval(cfg) -> dict:
-    from rlctl.build import build_evaluator, build_prompts, build_rewards, config_warnings, load_model_and_tokenizer
-    from rlctl.optim.engine import make_accelerator
+    from rlctl.build import build_evaluator, build_inference, build_prompts, build_rewards, config_warnings
 
     for warning in config_warnings(cfg, training=False):
         err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     rewards = build_rewards(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    policy, tokenizer, rollout = build_inference(cfg)
     _, held_out = build_prompts(cfg, tokenizer)
-    evaluator = build_evaluator(cfg, held_out, tokenizer, rewards, make_accelerator(cfg.engine.precision).autocast)
+    evaluator = build_evaluator(cfg, held_out, rewards, rollout)
     if evaluator is None:
         fail("eval: no held-out prompts to evaluate on (check data.* and eval.enabled)")
-    results = evaluator(model)
+    results = evaluator(policy)
     results = {"model": cfg.model.path, "data": cfg.data.source, **results}
     print(json.dumps(results, indent=2))
     if cfg.output:
@@ -169,13 +168,11 @@ def run_eval(cfg) -> dict:
 def run_generate(cfg) -> list:
     from rich.table import Table
 
-    from rlctl.build import build_prompts, load_model_and_tokenizer, sampling_params
+    from rlctl.build import build_inference, build_prompts
     from rlctl.config import fill
     from rlctl.data import Example, encode_prompts
     from rlctl.data.prompts import PromptFormat
     from rlctl.data.sources import SourceSpec
-    from rlctl.optim.engine import make_accelerator
-    from rlctl.rollout import BACKENDS
 
     if cfg.n < 1 or cfg.num_prompts < 1:
         fail(f"{'n' if cfg.n < 1 else 'num_prompts'}: must be ≥ 1, got {cfg.n if cfg.n < 1 else cfg.num_prompts}")
@@ -185,17 +182,14 @@ def run_generate(cfg) -> list:
             + ' (a comma inside [...] separates prompts; quote one that holds a comma: prompts="[\'Hi, what is 2 + 2?\']")',
             highlight=False, soft_wrap=True,
         )  # fmt: skip
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    policy, tokenizer, rollout = build_inference(cfg)
     if cfg.prompts:
         _, prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)
         prompts = encode_prompts([Example(p, "", "command line") for p in cfg.prompts], prompt_format, tokenizer)
     else:
         _, prompts = build_prompts(cfg, tokenizer)
         prompts = type(prompts)(prompts.examples[: cfg.num_prompts], prompts.token_ids[: cfg.num_prompts], 0, 0)
-    rollout = BACKENDS[cfg.rollout.backend](
-        tokenizer, sampling_params(cfg.rollout), make_accelerator(cfg.engine.precision).autocast
-    )
-    batch = rollout.generate(model, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n)
+    batch = rollout.generate(policy, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n)
     table = Table(title=f"{cfg.model.path}: {len(batch.completions)} completions", show_lines=True)
     table.add_column("prompt", overflow="fold")
     table.add_column("completion", overflow="fold")

@@ -12,6 +12,7 @@ from rlctl.data.prompts import PromptSet
 from rlctl.errors import RlctlError, check_fields
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout
+from rlctl.rollout.vllm import VLLMRollout
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -46,7 +47,7 @@ class EvalSpec:
 
 class Evaluator:
     def __init__(
-        self, prompts: PromptSet, rollout: HFRollout, rewards: WeightedRewards, n_samples: int, pass_k: list[int]
+        self, prompts: PromptSet, rollout: HFRollout | VLLMRollout, rewards: WeightedRewards, n_samples: int, pass_k: list[int]
     ):
         bad = [k for k in pass_k if not 1 <= k <= n_samples]
         if bad:
@@ -54,12 +55,12 @@ class Evaluator:
         self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
         self.n_samples, self.pass_k = n_samples, pass_k
 
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, policy) -> dict[str, float]:
         """{"accuracy", "reward_mean", "pass@k"..., "n_prompts", "response_len_mean"} over the held-out set."""
         if len(self.prompts) == 0:
             return {}
         batch = self.rollout.generate(
-            model, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples
+            policy, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples
         )
         result = self.rewards(batch.completions, batch.answers)
         correct_per_prompt = result.correct.view(-1, self.n_samples).sum(dim=1).tolist()
@@ -81,8 +82,7 @@ def evaluate_and_log(evaluator: Evaluator | None, policy, logger, step: int, lab
     if evaluator is None:
         return {}
     start = time.perf_counter()
-    with policy.generation_context():
-        results = evaluator(policy.unwrapped())
+    results = evaluator(policy)
     results["time_s"] = time.perf_counter() - start
     logger.metrics({f"eval/{k}": v for k, v in results.items()}, step)
     logger.message(

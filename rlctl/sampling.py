@@ -31,12 +31,14 @@ def sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], 
     errors_before = s.rewards.errors
     results = []
     for _attempt in range(1 + (algo.sampling_retries if algo.dynamic_sampling else 0)):
-        with timer("rollout"), s.policy.generation_context():
+        with timer("weight_sync"):  # the vllm engine gets the policy's weights if they changed (hf: nothing)
+            s.rollout.load_weights_of(s.policy)
+        with timer("rollout"):
             # one global draw of P × world prompts; each rank takes its own P (all G samples stay together)
             everyone = s.sampler.next_batch()
             picked = everyone[s.ranks.rank * prompts_per_step : (s.ranks.rank + 1) * prompts_per_step]
             batch = s.rollout.generate(
-                s.policy.unwrapped(),
+                s.policy,
                 [s.train_prompts.token_ids[i] for i in picked],
                 [s.train_prompts.examples[i].answer for i in picked],
                 algo.group_size,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rlctl.algos import AdvantageInputs, Algorithm, ops
+from rlctl.algos.correction import MismatchCorrection
 from rlctl.batch import Batch, sample_rows, scored_batch_metrics
 from rlctl.checkpoint import (
     CheckpointPolicy,
@@ -36,6 +37,7 @@ from rlctl.optim.scoring import response_logprobs, response_values, score_in_chu
 from rlctl.optim.update import minibatch_counts, minibatches, update
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout, SamplingParams
+from rlctl.rollout.vllm import VLLMRollout
 from rlctl.sampling import check_reward_failures, sample_and_score
 
 
@@ -47,11 +49,12 @@ class Stages:
     policy: Engine
     critic: Engine | None  # exists iff the algorithm's advantage estimator needs values
     reference: torch.nn.Module | None  # frozen; None when the algorithm has no KL term
-    rollout: HFRollout
+    rollout: HFRollout | VLLMRollout  # samples the policy: its own model (hf) or a vLLM engine's copy
     rewards: WeightedRewards
     algo: Algorithm
     layout: BatchLayout
     sampling: SamplingParams  # the rollout's settings (the temperature also applies when scoring)
+    correction: MismatchCorrection  # what to do about the rollout engine's own log-probs (vllm)
     train_prompts: PromptSet
     sampler: PromptSampler
     evaluator: Evaluator | None
@@ -150,10 +153,12 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
             )  # fmt: skip
         # Without stored log-probs this is the step's only update: the sampling policy is this one.
         old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()
+        # The trainer's and the rollout engine's log-probs of the sampling weights: their gap, and its correction.
+        is_weights, mismatch = s.correction.weights(old, micro.rollout_logprobs, micro.response_mask)
         loss, stats = algo.loss(
-            logp, old, micro.advantages, micro.response_mask, micro.ref_logprobs, entropy, kl_coef, totals
+            logp, old, micro.advantages, micro.response_mask, micro.ref_logprobs, entropy, kl_coef, totals, is_weights
         )
-        return loss, {"loss/total": loss.detach(), **stats}
+        return loss, {"loss/total": loss.detach(), **stats, **mismatch}
 
     def critic_loss(micro: Batch, totals: ops.AggregationTotals):
         with s.critic.autocast():

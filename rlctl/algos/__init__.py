@@ -227,12 +227,14 @@ class Algorithm:
         entropy: torch.Tensor | None = None,
         kl_coef: float | None = None,
         totals: ops.AggregationTotals | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """loss = policy_loss + β·agg(KL(π‖π_ref)) [if in the loss] − c_ent·agg(entropy); one aggregation for all.
 
         logp, old_logp, mask, ref_logp, entropy: [B, T]; advantages [B] or [B, T]. ``totals``: the
         minibatch's denominators (over all micro-batches and ranks), so that this part's loss is its
-        exact share; None when these rows are the whole minibatch. Returns the scalar loss and
+        exact share; None when these rows are the whole minibatch. ``token_weights`` [B, T]: the
+        rollout mismatch correction's per-token weights on the policy term (None: all 1). Returns the scalar loss and
         detached stats (``loss/policy``, ``clip_frac``, ``approx_kl``, ``kl``, ``entropy``), means over these rows.
         """
         beta = self.kl_coef if kl_coef is None else kl_coef
@@ -240,7 +242,7 @@ class Algorithm:
             totals = ops.AggregationTotals.of(mask, self.norm_length)
         policy_loss, stats = POLICY_LOSSES.get(self.policy_loss)(
             logp, old_logp, advantages, mask, clip_low=self.clip_low, clip_high=self.clip_high, agg=self.loss_agg,
-            totals=totals, dual_clip=self.dual_clip,
+            totals=totals, dual_clip=self.dual_clip, token_weights=token_weights,
         )  # fmt: skip
         stats = {"loss/policy": policy_loss.detach(), **stats}
         total = policy_loss

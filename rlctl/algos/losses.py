@@ -1,5 +1,8 @@
 """Policy and value losses. logp, old_logp, mask: [B, T]; advantages [B] (one per sequence) or [B, T].
 
+``token_weights`` [B, T] (no gradient) multiply each token's loss before aggregation: the
+truncated importance weights of the rollout mismatch correction (``algos.correction``).
+
 Every policy loss takes the same keyword arguments so the algorithm config can pick any of them by
 name; a loss ignores the ones it has no use for. ``totals`` are the aggregation's denominators over
 the whole minibatch (see ``ops.aggregate``); without them the rows given are the whole minibatch.
@@ -14,6 +17,11 @@ from rlctl.algos.ops import AggregationTotals, aggregate, masked_mean
 
 def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return advantages[:, None].expand_as(like) if advantages.ndim == 1 else advantages
+
+
+def _weighted(per_token: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """Each token's loss times its importance weight (the rollout mismatch correction), if any."""
+    return per_token if token_weights is None else per_token * token_weights.to(per_token.dtype)
 
 
 def _stats(logp, old_logp, mask, clipped_mask) -> dict[str, torch.Tensor]:
@@ -36,6 +44,7 @@ def ppo_clip(
     agg: str = "token-mean",
     totals: AggregationTotals | None = None,
     dual_clip: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017), asymmetric bounds as in DAPO's clip-higher.
 
@@ -62,6 +71,7 @@ def ppo_clip(
         dual = (adv < 0) & (per_token > bound)
         per_token = torch.where(dual, bound, per_token)
         was_clipped = was_clipped | dual
+    per_token = _weighted(per_token, token_weights)
     return aggregate(per_token, mask, agg, totals=totals), _stats(logp, old_logp, mask, was_clipped)
 
 
@@ -72,6 +82,7 @@ def pg(
     mask: torch.Tensor,
     agg: str = "token-mean",
     totals: AggregationTotals | None = None,
+    token_weights: torch.Tensor | None = None,
     **_unused,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla policy gradient, no ratio and no clipping: l_t = −A_t·logp_t, aggregated.
@@ -79,7 +90,7 @@ def pg(
     Its gradient equals ppo_clip's on the first pass over fresh samples (ρ = 1).
     """
     adv = _per_token(advantages, logp).to(logp.dtype)
-    loss = aggregate(-adv * logp, mask, agg, totals=totals)
+    loss = aggregate(_weighted(-adv * logp, token_weights), mask, agg, totals=totals)
     return loss, _stats(logp, old_logp, mask, torch.zeros_like(mask, dtype=torch.bool))
 
 
@@ -92,6 +103,7 @@ def gspo(
     clip_high: float = 4e-4,
     agg: str = "seq-mean-token-mean",
     totals: AggregationTotals | None = None,
+    token_weights: torch.Tensor | None = None,
     **_unused,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (Zheng et al. 2025): one importance ratio per sequence, the geometric mean of the token ratios.
@@ -110,7 +122,7 @@ def gspo(
     per_token = torch.maximum(unclipped, clipped)
     stats = _stats(logp, old_logp, mask, clipped > unclipped)
     stats["seq_ratio_mean"] = torch.exp(seq_log_ratio.detach()).mean()
-    return aggregate(per_token, mask, agg, totals=totals), stats
+    return aggregate(_weighted(per_token, token_weights), mask, agg, totals=totals), stats
 
 
 def clipped_value_loss(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class Engine:
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, spec: OptimSpec):
         self.accelerator, self.spec = accelerator, spec
+        self.weights_version = 0  # +1 whenever the weights change: a rollout engine compares it to its copy's
         optimizer, scheduler = adamw_with_schedule(model, spec)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -109,6 +111,7 @@ class Engine:
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
+            self.weights_version += 1
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -131,6 +134,10 @@ class Engine:
         """Around a whole rollout: nothing to do when every rank holds the full weights."""
         return contextlib.nullcontext()
 
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full weights under their checkpoint names, one tensor at a time (a rollout engine's copy)."""
+        yield from self.unwrapped().state_dict().items()
+
     def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
         """The weights as an HF folder (+ tokenizer), and the optimiser/schedule state for resume."""
         self.unwrapped().save_pretrained(folder, safe_serialization=True)
@@ -141,6 +148,26 @@ class Engine:
 
     def load_training_state(self, folder: Path) -> None:
         self.load_state_dict(torch.load(Path(folder) / "engine.pt", weights_only=True))
+        self.weights_version += 1
+
+
+class FrozenPolicy:
+    """A model that is not trained (``rlctl eval`` / ``generate``), offered to a rollout backend
+    through the same calls as an engine."""
+
+    weights_version = 0
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    def generation_context(self):
+        return contextlib.nullcontext()
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.model.state_dict().items()
 
 
 @dataclass(frozen=True)
@@ -205,6 +232,7 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, zero)
         )
+        self.weights_version = 0  # +1 whenever the weights change: a rollout engine compares it to its copy's
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -223,6 +251,7 @@ class DeepSpeedEngine:
         """Reduce gradients across ranks, clip, update, step the schedule; the global gradient norm."""
         self.model.step()
         norm = self.model.get_global_grad_norm()
+        self.weights_version += 1  # even when DeepSpeed skipped the step: a needless sync beats a stale engine
         return float(norm) if norm is not None else float("nan")
 
     @property
@@ -238,6 +267,24 @@ class DeepSpeedEngine:
 
             return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()))
         return contextlib.nullcontext()
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full weights under their checkpoint names, one tensor at a time. Under ZeRO-3 every
+        rank must call: each module's own parameters are gathered, copied out and released before
+        the next module's, so no rank ever holds a full copy of the model at once."""
+        module = self.model.module
+        if self.zero.stage != 3:
+            yield from module.state_dict().items()
+            return
+        import deepspeed
+
+        for prefix, sub in module.named_modules():
+            own = list(sub.named_parameters(prefix=prefix, recurse=False))
+            if not own:
+                continue
+            with deepspeed.zero.GatheredParameters([p for _, p in own]):
+                for name, param in own:
+                    yield name, param.data.clone()
 
     def full_state_dict(self) -> dict | None:
         """Every weight, on rank 0 (None elsewhere); under ZeRO-3 gathered from all ranks, so all must call."""
@@ -258,6 +305,7 @@ class DeepSpeedEngine:
 
     def load_training_state(self, folder: Path) -> None:
         self.model.load_checkpoint(str(Path(folder) / "deepspeed"), tag="state", load_module_strict=True)
+        self.weights_version += 1
 
 
 def frozen_for_inference(model: torch.nn.Module, zero: ZeroSpec | None) -> torch.nn.Module:

@@ -1,7 +1,11 @@
-"""Generation backends. ``hf``: transformers ``generate`` with KV cache, batched, left padding."""
+"""Generation backends, one interface (``load_weights_of``, ``generate``, ``with_params``):
+
+``hf``    transformers ``generate`` on the training model itself: batched, KV cache, left padding.
+``vllm``  a vLLM engine in the same process, sent the policy's weights whenever they change.
+"""
 
 from rlctl.rollout.hf import HFRollout, SamplingParams
 
-BACKENDS = {"hf": HFRollout}
+BACKENDS = ("hf", "vllm")
 
 __all__ = ["BACKENDS", "HFRollout", "SamplingParams"]

