@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlctl import models
 from rlctl.algos import Algorithm
+from rlctl.algos.correction import MismatchCorrection
 from rlctl.checkpoint import CheckpointPolicy, drop_metrics_after, read_trainer_state, resolve_resume
 from rlctl.config import fill
 from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
@@ -37,7 +38,6 @@ from rlctl.optim.engine import (
 from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.rules import Term
-from rlctl.algos.correction import MismatchCorrection
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
 from rlctl.trainer import Stages

@@ -47,7 +47,12 @@ class EvalSpec:
 
 class Evaluator:
     def __init__(
-        self, prompts: PromptSet, rollout: HFRollout | VLLMRollout, rewards: WeightedRewards, n_samples: int, pass_k: list[int]
+        self,
+        prompts: PromptSet,
+        rollout: HFRollout | VLLMRollout,
+        rewards: WeightedRewards,
+        n_samples: int,
+        pass_k: list[int],
     ):
         bad = [k for k in pass_k if not 1 <= k <= n_samples]
         if bad:

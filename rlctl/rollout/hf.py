@@ -144,7 +144,9 @@ class HFRollout:
             [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks]
         )
         response_mask = response_mask_until_eos(responses, self.eos_ids)
-        return assemble(self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts)
+        return assemble(
+            self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts
+        )
 
 
 def step_rewards_to_tokens(

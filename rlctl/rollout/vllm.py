@@ -216,7 +216,9 @@ class VLLMRollout:
             response_mask[i, : len(row)] = 1.0  # vLLM stops after the first EOS and keeps it, as hf does
             if logprobs is not None:
                 logprobs[i, : len(row)] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, row)])
-        prompt, prompt_mask = left_pad([ids for ids in prompt_ids for _ in range(group_size)], self.tokenizer.pad_token_id)
+        prompt, prompt_mask = left_pad(
+            [ids for ids in prompt_ids for _ in range(group_size)], self.tokenizer.pad_token_id
+        )
         return assemble(
             self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts, logprobs
         )
