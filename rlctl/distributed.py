@@ -37,14 +37,16 @@ def init_process_group(ranks: Ranks, even_alone: bool = False) -> None:
     ``even_alone`` makes a group of one for a process started without a launcher (DeepSpeed needs
     a process group; without one it goes looking for MPI).
     """
-    if dist.is_initialized() or (ranks.world_size == 1 and not even_alone):
+    if ranks.world_size == 1 and not even_alone:
         return
-    if ranks.world_size == 1:
+    if ranks.world_size == 1:  # DeepSpeed reads these even when a group exists (e.g. a vLLM engine's, of one)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
+    if dist.is_initialized():
+        return
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")

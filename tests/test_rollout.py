@@ -2,6 +2,7 @@
 
 import torch
 
+from rlctl.optim.engine import FrozenPolicy
 from rlctl.optim.scoring import response_logprobs
 from rlctl.rollout import HFRollout, SamplingParams
 from rlctl.rollout.hf import left_pad, response_mask_until_eos
@@ -22,7 +23,7 @@ def test_generate_returns_groups_in_order_with_aligned_tensors(tokenizer, tiny_m
     torch.manual_seed(0)
     rollout = HFRollout(tokenizer, SamplingParams(max_new_tokens=6, batch_size=3))  # 3 splits 2×4 rows unevenly
     prompts = [tokenizer("hello there")["input_ids"], tokenizer("a much longer prompt than the first")["input_ids"]]
-    batch = rollout.generate(tiny_model, prompts, ["1", "2"], group_size=4)
+    batch = rollout.generate(FrozenPolicy(tiny_model), prompts, ["1", "2"], group_size=4)
     assert batch.input_ids.shape[0] == 8 and batch.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert batch.answers == ["1"] * 4 + ["2"] * 4
     assert batch.response_mask.shape == (8, batch.input_ids.shape[1] - max(len(p) for p in prompts))
@@ -37,8 +38,8 @@ def test_greedy_generation_is_deterministic(tokenizer, tiny_model):
     rollout = HFRollout(tokenizer, SamplingParams(max_new_tokens=5, temperature=0.0))
     prompt = [tokenizer("What is 1 + 1?")["input_ids"]]
     assert (
-        rollout.generate(tiny_model, prompt, ["2"], 2).completions
-        == rollout.generate(tiny_model, prompt, ["2"], 2).completions
+        rollout.generate(FrozenPolicy(tiny_model), prompt, ["2"], 2).completions
+        == rollout.generate(FrozenPolicy(tiny_model), prompt, ["2"], 2).completions
     )
 
 
@@ -46,7 +47,7 @@ def test_response_logprobs_match_a_full_forward_and_ignore_left_padding(tokenize
     torch.manual_seed(0)
     rollout = HFRollout(tokenizer, SamplingParams(max_new_tokens=4))
     prompts = [tokenizer("short")["input_ids"], tokenizer("a somewhat longer prompt")["input_ids"]]
-    batch = rollout.generate(tiny_model, prompts, ["", ""], group_size=1)
+    batch = rollout.generate(FrozenPolicy(tiny_model), prompts, ["", ""], group_size=1)
     with torch.no_grad():
         logp, entropy = response_logprobs(
             tiny_model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True

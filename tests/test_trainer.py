@@ -31,7 +31,7 @@ def test_an_update_raises_the_likelihood_of_rewarded_completions_and_lowers_the_
     stages = build(tmp_path, "optim.lr=1e-3", "algo.kl_coef=0", "engine.precision=no")
     torch.manual_seed(0)
     model = stages.policy.unwrapped()
-    batch = stages.rollout.generate(model, stages.train_prompts.token_ids[:2], ["", ""], group_size=4)
+    batch = stages.rollout.generate(stages.policy, stages.train_prompts.token_ids[:2], ["", ""], group_size=4)
     # Reward the first two completions of each group: advantages +, +, −, − per group.
     scores = torch.tensor([1.0, 1.0, 0.0, 0.0] * 2)
     batch = batch.with_(
