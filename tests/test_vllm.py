@@ -147,12 +147,14 @@ def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path):
 
 
 def test_greedy_completions_of_the_embedded_model_agree_between_hf_and_vllm():
-    # The same weights decode greedily in fp32 (hf) and in bf16 (vLLM, the precision a run uses).
-    # Where the two best next tokens are within bf16 rounding the argmax may flip, and the rest of
-    # the completion follows it; on 16 arithmetic prompts × 16 tokens we ask 12 to be identical.
+    # The same weights decode greedily in bf16 on both sides (a run's precision), through different
+    # kernels: where the two best next tokens are within bf16 rounding the argmax may flip, and the
+    # rest of the completion follows it. On 16 arithmetic prompts × 16 tokens 12 were identical on
+    # the dev CPU; we ask for 10, most with a margin for another CPU's kernels (fp32 hf against
+    # bf16 vLLM gave only 8: precision, not the engine, makes the gap).
     from rlctl.build import build_prompts, rollout_model_folder
     from rlctl.models import load_causal_lm, load_tokenizer
-    from rlctl.optim.engine import FrozenPolicy
+    from rlctl.optim.engine import FrozenPolicy, make_accelerator
     from rlctl.rollout import HFRollout, SamplingParams
     from rlctl.rollout.vllm import VLLMEngine, VLLMRollout, VLLMSpec
 
@@ -166,11 +168,12 @@ def test_greedy_completions_of_the_embedded_model_agree_between_hf_and_vllm():
     prompts = held_out.token_ids[:16]
     greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
     policy = FrozenPolicy(model)
-    hf = HFRollout(tokenizer, greedy).generate(policy, prompts, [""] * 16, 1).completions
+    bf16 = make_accelerator("bf16").autocast  # as a default run samples with hf
+    hf = HFRollout(tokenizer, greedy, bf16).generate(policy, prompts, [""] * 16, 1).completions
     engine = VLLMEngine(rollout_model_folder(path, model), VLLMSpec(), "bf16", max_model_len=512, seed=0)
     vllm = VLLMRollout(tokenizer, greedy, engine).generate(policy, prompts, [""] * 16, 1)
     same = sum(a == b for a, b in zip(hf, vllm.completions))
-    assert same >= 12, list(zip(hf, vllm.completions))
+    assert same >= 10, list(zip(hf, vllm.completions))
     assert vllm.rollout_logprobs is None  # greedy: nothing was sampled
 
 
