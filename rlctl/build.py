@@ -244,7 +244,10 @@ def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None):
 
 # Settings a resumed run may change; every other key defines the run and must stay as it was.
 RESUMABLE_CHANGES = ("steps", "resume", "dry_run", "save_final", "logger.", "eval.every", "eval.batch_size",
-                     "checkpoint.", "reward.timeout_s", "reward.on_error", "reward.max_failed_steps")  # fmt: skip
+                     "checkpoint.", "reward.timeout_s", "reward.on_error", "reward.max_failed_steps",
+                     # the vLLM engine's resources, not what it samples
+                     "rollout.gpu_memory_utilization", "rollout.kv_cache_gib", "rollout.enforce_eager",
+                     "rollout.sleep_during_update", "rollout.tensor_parallel_size")  # fmt: skip
 
 
 def flat_config(cfg: DictConfig) -> dict:

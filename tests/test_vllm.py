@@ -136,8 +136,9 @@ def test_the_engine_samples_the_trained_policy_after_an_update(tmp_path, deepspe
     assert (trainer_after - engine_after).abs().max() < 0.05  # ... and the engine samples the moved one
 
 
-def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path):
-    stages = build(tmp_path, SMOKE_REWARD)
+@pytest.mark.parametrize("algo", ["grpo", "dapo"])  # dapo: dynamic sampling stacks several rollouts' log-probs
+def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path, algo):
+    stages = build(tmp_path, f"algo={algo}", SMOKE_REWARD)
     torch.manual_seed(0)
     batch_metrics = train_step(stages, TrainState(step=1, kl_coef=0.0))
     assert 0 <= batch_metrics["rollout/logprob_abs_diff"] < 0.05  # same weights, bf16 engine vs fp32 trainer
@@ -178,7 +179,9 @@ def test_greedy_completions_of_the_embedded_model_agree_between_hf_and_vllm():
 
 
 def rlctl(*args, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
     if result.returncode != 0:
         raise AssertionError(f"rlctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

@@ -12,6 +12,9 @@ for the mismatch metric and the truncated importance-sampling correction (``algo
 
 Under ``accelerate launch`` every process runs its own engine on its own prompts (vLLM's
 ``external_launcher`` mode: the engine joins the launch's process group with tensor parallelism 1).
+``rollout.tensor_parallel_size > 1`` is for a single-process run whose engine spans several GPUs;
+vLLM then runs its workers in processes of their own and the weights travel to them as one list
+(a full copy per sync). That path is written for GPUs and not tested on the CPU machines we build on.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -93,7 +95,6 @@ class VLLMEngine:
         with _quiet_vllm():
             self._start(model_dir, spec, precision, max_model_len, seed)
         self.holds: tuple[int, int] | None = None  # (id of the policy, its weights_version) now in the engine
-        self.last_sync_s = 0.0
         self.awake = True
         self.sleep()
 
@@ -105,6 +106,7 @@ class VLLMEngine:
         if self.sleeps and not on_gpu:
             raise RlctlError("rollout.sleep_during_update=true: vLLM has no sleep mode on CPU; leave it unset")
         self.dtype = DTYPES[precision]
+        self.tensor_parallel_size = spec.tensor_parallel_size
         kwargs = {
             "model": model_dir,
             "dtype": self.dtype,
@@ -122,6 +124,11 @@ class VLLMEngine:
         if kv_gib:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            if spec.tensor_parallel_size > 1:
+                raise RlctlError(
+                    f"rollout.tensor_parallel_size={spec.tensor_parallel_size}: under a launch of several processes "
+                    "each process runs its own engine on its own device; use tensor parallelism in a one-process run"
+                )
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank, in the launch's group
         # On CPU vLLM drops torch to one thread "for serving" unless OMP_NUM_THREADS is set, and then
         # disables torch.set_num_threads: in a shared process that would halve training's speed.
@@ -155,12 +162,12 @@ class VLLMEngine:
         wanted = (id(policy), policy.weights_version)
         if self.holds == wanted:
             return
-        start = time.perf_counter()
         dtype = getattr(torch, self.dtype)
         weights = ((name, tensor.to(dtype)) for name, tensor in policy.named_weights())
+        if self.tensor_parallel_size > 1:  # the engine's workers are other processes: they need a picklable list
+            weights = list(weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.holds = wanted
-        self.last_sync_s = time.perf_counter() - start
 
 
 class VLLMRollout:
