@@ -47,7 +47,7 @@ train: setup
 	$(BIN)/rlctl train
 
 # The wheel as a user gets it: `pip install .` (not editable) into a fresh venv, then rlctl run from
-# another folder, so configs and recipes must come from inside the installed package.
+# another folder, so configs and recipes must come from inside the installed package; vLLM as make setup installs it.
 WHEEL_VENV ?= /tmp/rlctl-wheel-venv
 wheel-check:
 	rm -rf $(WHEEL_VENV) /tmp/rlctl-wheel-run
@@ -60,7 +60,7 @@ wheel-check:
 	rm -rf build
 	mkdir -p /tmp/rlctl-wheel-run
 	cd /tmp/rlctl-wheel-run && $(WHEEL_VENV)/bin/rlctl recipes
-	cd /tmp/rlctl-wheel-run && HF_HUB_OFFLINE=1 $(WHEEL_VENV)/bin/rlctl train recipe=smoke hydra.run.dir=/tmp/rlctl-wheel-run/smoke
+	cd /tmp/rlctl-wheel-run && HF_HUB_OFFLINE=1 $(WHEEL_VENV)/bin/rlctl train recipe=smoke rollout=vllm hydra.run.dir=/tmp/rlctl-wheel-run/smoke
 	test -f /tmp/rlctl-wheel-run/smoke/checkpoints/final/model.safetensors
 
 clean:

@@ -112,13 +112,13 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # generation backend: hf (transformers generate) | vllm (a vLLM engine beside training)
+    backend: str = "vllm"  # generation backend: vllm (a vLLM engine beside training) | hf (transformers generate)
     max_new_tokens: int = 16  # completion length limit
     temperature: float = 1.0  # sampling temperature (also divides logits when scoring)
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # 0 = off
     batch_size: int = 64  # hf: sequences per generate call (vllm schedules its own batches)
-    is_correction: str = "none"  # none | tis: weight each token's loss by min(π_train/π_rollout, is_cap) (vllm only)
+    is_correction: str = "tis"  # none | tis: weight each token's loss by min(π_train/π_rollout, is_cap) (vllm only)
     is_cap: float = 2.0  # C of truncated importance sampling
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of GPU memory for its weights and KV cache
     kv_cache_gib: float = 0.0  # vllm: KV cache size in GiB (0 = from gpu_memory_utilization on GPU, 2 GiB on CPU)
