@@ -55,6 +55,11 @@ def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torc
     return (~eos_seen_before).float()
 
 
+def eos_token_ids(tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 def assemble(
     tokenizer,
     prompt: torch.Tensor,
@@ -93,8 +98,7 @@ class HFRollout:
         self, tokenizer, params: SamplingParams, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
     ):
         self.tokenizer, self.params, self.autocast = tokenizer, params, autocast
-        eos = tokenizer.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.eos_ids = eos_token_ids(tokenizer)
 
     def with_params(self, params: SamplingParams) -> HFRollout:
         return HFRollout(self.tokenizer, params, self.autocast)

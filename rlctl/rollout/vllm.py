@@ -29,7 +29,7 @@ import torch
 
 from rlctl.batch import Batch
 from rlctl.errors import RlctlError, check_fields
-from rlctl.rollout.hf import SamplingParams, assemble, left_pad
+from rlctl.rollout.hf import SamplingParams, assemble, eos_token_ids, left_pad
 
 # The engine must live in this process to receive the weights by reference (vLLM's default puts it
 # in a child process, which would need a copy of every tensor sent over a pipe).
@@ -173,8 +173,7 @@ class VLLMEngine:
 class VLLMRollout:
     def __init__(self, tokenizer, params: SamplingParams, engine: VLLMEngine):
         self.tokenizer, self.params, self.engine = tokenizer, params, engine
-        eos = tokenizer.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.eos_ids = eos_token_ids(tokenizer)
 
     def with_params(self, params: SamplingParams) -> VLLMRollout:
         return VLLMRollout(self.tokenizer, params, self.engine)
