@@ -130,7 +130,9 @@ def test_the_engine_samples_the_trained_policy_after_an_update(tmp_path, deepspe
     torch.manual_seed(0)
     metrics = train_step(stages, state)  # one update at a high learning rate
     assert metrics["optim/updates"] == 1
-    stages.rollout.load_weights_of(stages.policy)
+    assert stages.rollout.engine.holds != (id(stages.policy), stages.policy.weights_version)  # stale now
+    stages.rollout.generate(stages.policy, [prompt], [""], 1)  # a rollout without the step's explicit sync
+    assert stages.rollout.engine.holds == (id(stages.policy), stages.policy.weights_version)
     trainer_after, engine_after = trainer_and_engine_logprobs(stages, ids, len(prompt))
     assert (trainer_after - trainer_before).abs().mean() > 0.2  # the update moved the policy ...
     assert (trainer_after - engine_after).abs().max() < 0.05  # ... and the engine samples the moved one
