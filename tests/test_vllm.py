@@ -213,3 +213,13 @@ def test_two_processes_each_sample_with_their_own_engine(tmp_path):
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["rollout/logprob_abs_diff"] < 0.05 for r in steps)  # both ranks' engines hold the trained weights
+
+
+def test_without_vllm_installed_the_default_run_says_how_to_get_it_or_use_hf(monkeypatch):
+    import rlctl.rollout.vllm
+    from rlctl.build import read_train_settings
+
+    monkeypatch.setattr(rlctl.rollout.vllm, "vllm_available", lambda: False)
+    with pytest.raises(RlctlError, match=r"^rollout.backend=vllm: vLLM is not installed .* or use rollout=hf$"):
+        read_train_settings(compose_train("rollout=vllm"))
+    read_train_settings(compose_train("rollout=hf"))  # the fallback needs nothing extra
