@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -177,19 +178,26 @@ def rollout_settings(rollout: DictConfig, **changes) -> tuple[SamplingParams, VL
     return replace(sampling, **changes), vllm, correction
 
 
-def rollout_model_folder(model_path: str, model: torch.nn.Module) -> str:
-    """What a vLLM engine loads at start: the policy's own folder or hub id; for a model with no
-    folder (``random:tiny``) a temporary copy of its initial weights, removed once the engine has
-    started. The engine receives the policy's weights before its first rollout in any case."""
+class EngineFolder(NamedTuple):
+    """What a vLLM engine loads at start, and whether it is a copy to delete once the engine runs."""
+
+    path: str
+    temporary: bool
+
+
+def rollout_model_folder(model_path: str, model: torch.nn.Module) -> EngineFolder:
+    """The policy's own folder or hub id; for a model with no folder (``random:tiny``) a temporary
+    copy of its initial weights. The engine receives the policy's weights before its first rollout
+    in any case."""
     if not model_path.startswith(models.RANDOM_PREFIX):
-        return models.resolve(model_path)
+        return EngineFolder(models.resolve(model_path), temporary=False)
     folder = tempfile.mkdtemp(prefix="rlctl-rollout-")
     model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return EngineFolder(folder, temporary=True)
 
 
 def build_rollout(
-    cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: str | None
+    cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: EngineFolder | None
 ):
     """The rollout backend: ``hf`` generates with the policy's model; ``vllm`` starts its engine here."""
     if sampling.backend == "hf":
@@ -198,13 +206,13 @@ def build_rollout(
 
     try:
         engine = VLLMEngine(
-            model_folder, vllm, cfg.engine.precision,
+            model_folder.path, vllm, cfg.engine.precision,
             max_model_len=cfg.data.max_prompt_tokens + sampling.max_new_tokens,
             seed=cfg.engine.seed + launched_ranks().rank,
         )  # fmt: skip
     finally:
-        if model_folder.startswith(tempfile.gettempdir()) and Path(model_folder).name.startswith("rlctl-rollout-"):
-            shutil.rmtree(model_folder, ignore_errors=True)
+        if model_folder.temporary:
+            shutil.rmtree(model_folder.path, ignore_errors=True)
     return VLLMRollout(tokenizer, sampling, engine)
 
 

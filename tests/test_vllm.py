@@ -173,7 +173,7 @@ def test_greedy_completions_of_the_embedded_model_agree_between_hf_and_vllm():
     policy = FrozenPolicy(model)
     bf16 = make_accelerator("bf16").autocast  # as a default run samples with hf
     hf = HFRollout(tokenizer, greedy, bf16).generate(policy, prompts, [""] * 16, 1).completions
-    engine = VLLMEngine(rollout_model_folder(path, model), VLLMSpec(), "bf16", max_model_len=512, seed=0)
+    engine = VLLMEngine(rollout_model_folder(path, model).path, VLLMSpec(), "bf16", max_model_len=512, seed=0)
     vllm = VLLMRollout(tokenizer, greedy, engine).generate(policy, prompts, [""] * 16, 1)
     same = sum(a == b for a, b in zip(hf, vllm.completions))
     assert same >= 10, list(zip(hf, vllm.completions))
