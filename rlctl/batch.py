@@ -44,6 +44,11 @@ class Batch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def stat_weight(self) -> float:
+        """What a micro-batch's per-token stats are weighted by when averaged: its valid tokens."""
+        return float(self.response_mask.sum())
+
     def with_(self, **fields) -> Batch:
         return replace(self, **fields)
 

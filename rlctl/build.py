@@ -38,7 +38,9 @@ from rlctl.optim.engine import (
 )
 from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
-from rlctl.rewards.rules import Term
+from rlctl.rewards.http import HttpReward, HttpRewardSpec
+from rlctl.rewards.model import ModelReward, ModelRewardSpec
+from rlctl.rewards.rules import SCORERS, RewardSpec
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
 from rlctl.trainer import Stages
@@ -91,12 +93,11 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
     """Every group of the config, filled by field name into the object that uses it (``config.fill``)
     and checked; the batch layout derived. One-line errors name the key; nothing is loaded."""
     ranks = ranks or launched_ranks()
-    for key, value in (("steps", cfg.steps), ("prompts_per_step", cfg.prompts_per_step),
-                       ("reward.max_failed_steps", cfg.reward.max_failed_steps)):  # fmt: skip
+    for key, value in (("steps", cfg.steps), ("prompts_per_step", cfg.prompts_per_step)):
         if value < 1:
             raise RlctlError(f"{key}: must be ≥ 1, got {value}")
-    if cfg.engine.precision not in PRECISIONS:
-        raise RlctlError(f"engine.precision: must be one of {' | '.join(PRECISIONS)}, got {cfg.engine.precision!r}")
+    reward_settings(cfg.reward)
+    check_precision(cfg.engine.precision)
     sampling, vllm, correction = rollout_settings(cfg.rollout)
     algo = fill("algo", cfg.algo, Algorithm, max_new_tokens=sampling.max_new_tokens)
     critic = fill("critic", cfg.critic, CriticSpec)
@@ -130,6 +131,11 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
     )  # fmt: skip
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise RlctlError(f"engine.precision: must be one of {' | '.join(PRECISIONS)}, got {precision!r}")
+
+
 def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
     """Settings that run but give numbers without meaning: one line each, printed before anything runs."""
     found = []
@@ -146,13 +152,32 @@ def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
     return found
 
 
-def build_rewards(cfg: DictConfig) -> WeightedRewards:
-    r = cfg.reward
-    if r.fn:
-        terms = [Term(r.fn, 1.0, {})]
-    else:
-        terms = [Term(t.name, t.weight, {"pattern": t.pattern} if t.pattern is not None else {}) for t in r.terms]
-    return WeightedRewards(terms, r.accuracy_term, r.timeout_s, r.fallback, r.on_error)
+def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, HttpRewardSpec]:
+    """The ``reward`` group as its three consumers: the weighted terms, the reward model, the server.
+    A scorer's term without its key (reward_model without reward.model_path) is refused here."""
+    rules, model, http = fill("reward", reward, RewardSpec, ModelRewardSpec, HttpRewardSpec)
+    names = {term.name for term in rules.term_list()}
+    for name, key in SCORERS.items():
+        if name in names and not getattr(model if name == "reward_model" else http, key.split(".")[1]):
+            raise RlctlError(f"{key}: the {name} term needs it (reward.terms names {name!r}); set {key}=...")
+    if "reward_model" in names:
+        models.check_path(model.model_path, "reward.model_path")
+    if "http" in names:
+        HttpReward(http)  # checks the URL and that the header variables are set
+    return rules, model, http
+
+
+def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) -> WeightedRewards:
+    """The reward stage: rule terms, and the scorers the terms name (a reward model, a server)."""
+    rules, model_spec, http_spec = reward_settings(cfg.reward)
+    terms = rules.term_list()
+    names = {term.name for term in terms}
+    scorers = {}
+    if "reward_model" in names:
+        scorers["reward_model"] = ModelReward(model_spec, cfg.model.dtype, cfg.model.trust_remote_code, zero, autocast)
+    if "http" in names:
+        scorers["http"] = HttpReward(http_spec)
+    return WeightedRewards(terms, rules.accuracy_term, rules.timeout_s, rules.fallback, rules.on_error, scorers)
 
 
 def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
@@ -253,6 +278,8 @@ def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None):
 # Settings a resumed run may change; every other key defines the run and must stay as it was.
 RESUMABLE_CHANGES = ("steps", "resume", "dry_run", "save_final", "logger.", "eval.every", "eval.batch_size",
                      "checkpoint.", "reward.timeout_s", "reward.on_error", "reward.max_failed_steps",
+                     # where the reward server is and how it is reached, not what it scores
+                     "reward.url", "reward.headers", "reward.retries", "reward.model_batch_size",
                      # the vLLM engine's resources, not what it samples
                      "rollout.gpu_memory_utilization", "rollout.kv_cache_gib", "rollout.enforce_eager",
                      "rollout.sleep_during_update", "rollout.tensor_parallel_size")  # fmt: skip
@@ -311,7 +338,7 @@ def refuse_a_second_run_in(run_dir: Path) -> None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return
-    if '"reward/mean"' in metrics.read_text(encoding="utf-8"):
+    if any(f'"{key}"' in metrics.read_text(encoding="utf-8") for key in ("reward/mean", "loss/rm")):
         raise RlctlError(
             f"resume: {run_dir} already holds a run that trained (metrics.jsonl), and this start would not continue "
             "it (resume=never, or no checkpoint yet); start this run in a new folder (hydra.run.dir=...)"
@@ -324,7 +351,6 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     settings = read_train_settings(cfg)
     algo, layout, ranks, zero = settings.algo, settings.layout, settings.ranks, settings.zero
     seed_everything(cfg.engine.seed)
-    rewards = build_rewards(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(cfg.resume, run_dir)
     config = flat_config(cfg) if isinstance(cfg, DictConfig) else None  # what the checkpoints record
@@ -377,6 +403,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         if cfg.model.gradient_checkpointing:
             critic_model.gradient_checkpointing_enable()
         critic = make_engine(critic_model, replace(settings.optim, lr=c.lr, max_grad_norm=c.max_grad_norm))
+    rewards = build_rewards(cfg, zero if zero.enabled else None, policy.autocast)
     reference = None
     if algo.needs_reference:
         reference = models.load_causal_lm(

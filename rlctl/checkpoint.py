@@ -199,29 +199,38 @@ def _engines(s: Stages) -> dict:
     return {"policy": s.policy} | ({"critic": s.critic} if s.critic is not None else {})
 
 
-def save_resumable(s: Stages, state: TrainState) -> Path:
-    """A checkpoint every rank contributes to (weights, optimiser shards, its RNG); the main rank
-    writes the loop state and makes it visible atomically."""
-    tmp = begin_checkpoint(s.run_dir / "checkpoints", state.step, s.ranks.is_main)
+def write_checkpoint(
+    run_dir: Path, step: int, engines: dict, tokenizer, ranks, keep_last: int, trainer_state: dict
+) -> Path:
+    """Checkpoint ``step`` of a run: each engine's weights and optimiser state under its name (the
+    tokenizer beside the first), every rank's RNG, and ``trainer_state`` (main rank), made visible
+    atomically. Every rank calls."""
+    tmp = begin_checkpoint(run_dir / "checkpoints", step, ranks.is_main)
     barrier()
-    for name, engine in _engines(s).items():
-        engine.save(tmp / name, s.tokenizer if name == "policy" else None)
-    save_rng(tmp, s.ranks.rank)
+    for index, (name, engine) in enumerate(engines.items()):
+        engine.save(tmp / name, tokenizer if index == 0 else None)
+    save_rng(tmp, ranks.rank)
     path = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    if s.ranks.is_main:
-        trainer_state = {
-            "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
-            "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
-            "consecutive_reward_failures": state.consecutive_reward_failures,
-            "sampler": s.sampler.state_dict(), "has_critic": s.critic is not None,
-            "world_size": s.ranks.world_size, "config": s.config,
-        }  # fmt: skip
+    if ranks.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     barrier()
-    if s.ranks.is_main:
-        path = commit_checkpoint(tmp, s.checkpoints.keep_last)
+    if ranks.is_main:
+        path = commit_checkpoint(tmp, keep_last)
     barrier()
     return path
+
+
+def save_resumable(s: Stages, state: TrainState) -> Path:
+    """The RL run's checkpoint: the policy (and critic), and the loop state."""
+    trainer_state = {
+        "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
+        "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+        "consecutive_reward_failures": state.consecutive_reward_failures,
+        "sampler": s.sampler.state_dict(), "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None,
+        "world_size": s.ranks.world_size, "config": s.config,
+    }  # fmt: skip
+    return write_checkpoint(s.run_dir, state.step, _engines(s), s.tokenizer, s.ranks, s.checkpoints.keep_last,
+                            trainer_state)  # fmt: skip
 
 
 def restore(s: Stages, folder: Path) -> TrainState:
@@ -230,6 +239,7 @@ def restore(s: Stages, folder: Path) -> TrainState:
     for name, engine in _engines(s).items():
         engine.load_training_state(folder / name)
     s.sampler.load_state_dict(saved["sampler"])
+    s.rewards.load_state_dict(saved.get("rewards", {}))
     load_rng(folder, s.ranks.rank)
     return TrainState(
         step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
@@ -239,15 +249,21 @@ def restore(s: Stages, folder: Path) -> TrainState:
 
 
 def export_final(s: Stages) -> Path:
-    """``checkpoints/final``: the policy alone as an HF folder (weights gathered under ZeRO-3), atomically."""
-    final = s.run_dir / "checkpoints" / "final"
+    """``checkpoints/final``: the policy alone as an HF folder."""
+    return export_model(s.run_dir, s.policy, s.tokenizer, s.ranks)
+
+
+def export_model(run_dir: Path, engine, tokenizer, ranks) -> Path:
+    """``RUN/checkpoints/final``: the engine's model and the tokenizer as an HF folder (weights
+    gathered under ZeRO-3), written atomically. Every rank calls."""
+    final = run_dir / "checkpoints" / "final"
     tmp = final.with_name("final.tmp")
-    if s.ranks.is_main:
+    if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    s.policy.save(tmp, s.tokenizer, training_state=False)
+    engine.save(tmp, tokenizer, training_state=False)
     barrier()
-    if s.ranks.is_main:
+    if ranks.is_main:
         publish_folder(tmp, final)
     barrier()
     return final

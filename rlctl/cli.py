@@ -17,6 +17,7 @@ USAGE = """usage: rlctl COMMAND [overrides ...]
 
 commands:
   train      train a policy with RL (default: GRPO on SmolLM2-135M, built-in arithmetic)
+  rm         train a reward model from preference pairs (default: built-in arithmetic pairs)
   eval       score a model or a run's checkpoint on held-out prompts
   generate   sample completions from a model and print them
   recipes    list ready experiments (run one with `rlctl train recipe=NAME`)
@@ -97,6 +98,37 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
         stages.logger.close()
 
 
+def run_rm(cfg) -> dict:
+    """`rlctl rm`: a reward model from preference pairs, in a run folder like `train`'s."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlctl.report import plot_run, rm_model_card
+    from rlctl.rm import build_rm, train_rm
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    command = " ".join(["rlctl rm", *kept])
+    run = build_rm(cfg, run_dir, f"{command} hydra.run.dir={run_dir} resume=auto")
+    if run.ranks.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    try:
+        summary = train_rm(run)
+        final = run_dir / "checkpoints" / "final"
+        if run.ranks.is_main:
+            if final.is_dir():
+                (final / "README.md").write_text(
+                    rm_model_card(run_dir, OmegaConf.to_container(cfg, resolve=True), command)
+                )
+            run.logger.message(f"curves: {plot_run(run_dir)}")
+            if final.is_dir():
+                run.logger.message(f"use it in RL: rlctl train reward=model reward.model_path={final}")
+        return summary
+    finally:
+        run.logger.close()
+
+
 # What `rlctl eval` / `rlctl generate` take from a run folder (or a recipe): how the run asked its
 # questions (data and prompt format), how it judged them (reward) and how it sampled (rollout).
 SETTINGS_FROM_RUN = {"eval": ("data", "reward", "rollout"), "generate": ("data", "rollout")}
@@ -151,7 +183,9 @@ def run_eval(cfg) -> dict:
 
     for warning in config_warnings(cfg, training=False):
         err_console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
-    rewards = build_rewards(cfg)
+    from rlctl.optim.engine import make_accelerator
+
+    rewards = build_rewards(cfg, autocast=make_accelerator(cfg.engine.precision).autocast)
     policy, tokenizer, rollout = build_inference(cfg)
     _, held_out = build_prompts(cfg, tokenizer)
     evaluator = build_evaluator(cfg, held_out, rewards, rollout)
@@ -188,7 +222,8 @@ def run_generate(cfg) -> list:
         prompts = encode_prompts([Example(p, "", "command line") for p in cfg.prompts], prompt_format, tokenizer)
     else:
         _, prompts = build_prompts(cfg, tokenizer)
-        prompts = type(prompts)(prompts.examples[: cfg.num_prompts], prompts.token_ids[: cfg.num_prompts], 0, 0)
+        first = slice(0, cfg.num_prompts)
+        prompts = type(prompts)(prompts.examples[first], prompts.token_ids[first], prompts.conversations[first], 0, 0)
     batch = rollout.generate(policy, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n)
     table = Table(title=f"{cfg.model.path}: {len(batch.completions)} completions", show_lines=True)
     table.add_column("prompt", overflow="fold")
@@ -200,7 +235,8 @@ def run_generate(cfg) -> list:
     return batch.completions
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "generate": run_generate}
+COMMANDS = {"train": run_train, "rm": run_rm, "eval": run_eval, "generate": run_generate}
+RUN_FOLDER_COMMANDS = ("train", "rm")  # commands that write a run folder
 
 
 def report(run_dir: str) -> None:
@@ -257,7 +293,7 @@ def _hydra_app(command: str, recipe_base=None):
         from rlctl.logging import append_to_log
 
         hydra_cfg = HydraConfig.get()
-        run_dir = Path(hydra_cfg.runtime.output_dir) if command == "train" else None
+        run_dir = Path(hydra_cfg.runtime.output_dir) if command in RUN_FOLDER_COMMANDS else None
         in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
 
         def give_up(message: str):
@@ -320,7 +356,7 @@ def _refuse_a_launch_that_started_too_few_processes() -> None:
         )
 
 
-def _one_run_folder_for_all_ranks(args: list[str]) -> list[str]:
+def _one_run_folder_for_all_ranks(args: list[str], name: str) -> list[str]:
     """Under a multi-process launch every rank would resolve ${now:...} itself, possibly a second
     apart; rank 0 picks the time and every rank uses it, so the run has one folder."""
     from rlctl.distributed import broadcast_from_main, init_process_group, launched_ranks
@@ -337,7 +373,7 @@ def _one_run_folder_for_all_ranks(args: list[str]) -> list[str]:
 
     init_process_group(ranks)
     stamp = broadcast_from_main(time.strftime("%Y-%m-%d_%H-%M-%S"))
-    return [*args, f"hydra.run.dir=runs/{stamp}_${{algo.name}}_${{model.name}}_x{ranks.world_size}"]
+    return [*args, f"hydra.run.dir=runs/{stamp}_{name}_${{model.name}}_x{ranks.world_size}"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,9 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes', 'report']}")
-    if command == "train":
+    if command in RUN_FOLDER_COMMANDS:
         _refuse_a_launch_that_started_too_few_processes()
-        rest = _one_run_folder_for_all_ranks(rest)
+        rest = _one_run_folder_for_all_ranks(rest, "${algo.name}" if command == "train" else "rm")
     recipe_base = None
     if command in SETTINGS_FROM_RUN:
         recipe_base, rest = _recipe_for(command, rest)

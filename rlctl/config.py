@@ -94,7 +94,7 @@ class DataConfig:
 
 @dataclass
 class RewardTerm:
-    name: str = "exact_number"  # registered rule reward: exact_number | gsm8k | math_verify | format
+    name: str = "exact_number"  # exact_number | gsm8k | math_verify | format | reward_model | http
     weight: float = 1.0  # weight in the sum of terms
     pattern: str | None = None  # format: regex the completion must match (re.search, DOTALL)
 
@@ -108,6 +108,14 @@ class RewardConfig:
     fallback: float = 0.0  # score given when a reward function raises or times out
     on_error: str = "fallback"  # fallback (count it in reward/errors and go on) | stop (end the run)
     max_failed_steps: int = 2  # stop when a term fails on every sample for this many steps in a row
+    model_path: str | None = None  # reward_model term: a one-label sequence classifier (hub id, folder, `rlctl rm` run)
+    model_batch_size: int = 32  # reward_model term: sequences per forward pass
+    model_max_tokens: int = 1024  # reward_model term: longer prompt + completion texts keep their last tokens
+    normalize: bool = False  # reward_model term: (score − running mean) / running std, the moments kept in checkpoints
+    clip: float = 0.0  # reward_model term: clamp the (normalised) score to [−clip, clip] (0 = off)
+    url: str | None = None  # http term: reward server; POST {prompts, completions, answers} -> {scores}
+    headers: dict[str, str] = field(default_factory=dict)  # http term: header name -> env variable holding its value
+    retries: int = 2  # http term: further tries after a connection error, a timeout (timeout_s) or a 429/5xx
 
 
 @dataclass
@@ -227,6 +235,47 @@ class GenerateConfig:
     n: int = 1  # completions per prompt
 
 
+@dataclass
+class PreferenceDataConfig:
+    source: str = "arithmetic"  # arithmetic (built-in pairs) | jsonl (rows with prompt, chosen, rejected[, margin])
+    path: str | None = None  # jsonl: the file of preference pairs
+    eval_path: str | None = None  # held-out pairs; None: a split of `path` (arithmetic: the held-out problems)
+    eval_fraction: float = 0.2  # share of rows (arithmetic: of problems) held out when there is no eval_path
+    eval_size: int = 256  # held-out pairs used by evaluation (fewer if there are fewer)
+    seed: int = 0  # seed of the split, the pair order and the built-in pairs
+    digits: int = 1  # arithmetic: digits per operand
+    num_operands: int = 2  # arithmetic: operands per problem
+    operators: str = "+"  # arithmetic: operators to draw from, any of "+-*"
+    pairs_per_problem: int = 4  # arithmetic: pairs made from each problem
+    system_prompt: str | None = None  # system message prepended to every prompt
+    max_tokens: int = 512  # pairs with a side (prompt + reply) longer than this are skipped
+
+
+@dataclass
+class RMEvalConfig:
+    enabled: bool = True  # pairwise accuracy on held-out pairs before training, every `every` steps, and after
+    every: int = 0  # steps between evaluations during training (0 = only before and after)
+    batch_size: int = 32  # pairs per forward pass
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the causal LM the reward model starts from
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # micro_batch_size counts pairs; minibatch_size must be 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: RMEvalConfig = field(default_factory=RMEvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH
+    pairs_per_step: int = 16  # preference pairs per optimiser update, per process
+    epochs: float = 2.0  # passes over the training pairs (when steps = 0)
+    steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
+    margin: float = 0.0  # added to every pair's own margin: loss = −log σ(r_chosen − r_rejected − margin)
+    save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end
+
+
 def fill(group: str, node: DictConfig | dict, *targets: type, **derived: Any):
     """Plain objects filled by field name from one config group: every field of every target is
     taken from the group's key of that name (or from ``derived``, values worked out from other
@@ -286,7 +335,7 @@ def check_known_keys(cfg: DictConfig, schema: type) -> None:
         raise RlctlError(f"{key}: no such setting (known here: {', '.join(known)}); check the spelling")
 
 
-SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig}
+SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "rm": RMConfig}
 
 
 def register_schemas() -> None:
@@ -295,3 +344,4 @@ def register_schemas() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalCommandConfig)
     store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="rm_schema", node=RMConfig)

@@ -67,7 +67,9 @@ class Evaluator:
         batch = self.rollout.generate(
             policy, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples
         )
-        result = self.rewards(batch.completions, batch.answers)
+        chats = [chat for chat in self.prompts.conversations for _ in range(self.n_samples)]
+        with self.rewards.evaluating():
+            result = self.rewards(batch.completions, batch.answers, chats)
         correct_per_prompt = result.correct.view(-1, self.n_samples).sum(dim=1).tolist()
         metrics = {
             "accuracy": float(result.correct.float().mean()),

@@ -20,7 +20,8 @@ from rich.text import Text
 from rlctl.errors import RlctlError, check_fields
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
-                ("response_len/mean", "len"))  # fmt: skip
+                ("response_len/mean", "len"), ("loss/rm", "loss"), ("rm/accuracy", "acc"),
+                ("rm/margin", "margin"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _fmt(value: float) -> str:
 
 def step_line(values: dict[str, float], step: int, total: int) -> str | None:
     """The one-line summary of a training step (None for rows that are not steps, e.g. evaluations)."""
-    if "reward/mean" not in values:  # evaluation results are printed by message()
+    if "time/step_s" not in values:  # evaluation results are printed by message()
         return None
     parts = [f"{short} {_fmt(values[key])}" for key, short in SUMMARY_KEYS if key in values]
     seconds = f"  {values['time/step_s']:.1f}s" if "time/step_s" in values else ""

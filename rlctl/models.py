@@ -121,7 +121,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise RlctlError(f"model.path: cannot load a tokenizer from {path!r}: {_first_line(err)}") from None
+        raise RlctlError(f"model.path: cannot load a tokenizer from {path!r}: {first_line(err)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -160,12 +160,12 @@ def load_causal_lm(
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
-            raise RlctlError(f"model.path: cannot load a causal LM from {path!r}: {_first_line(err)}") from None
+            raise RlctlError(f"model.path: cannot load a causal LM from {path!r}: {first_line(err)}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -234,7 +234,7 @@ def load_value_model(
                 source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as err:
-            raise RlctlError(f"critic.path: cannot load a model body from {path!r}: {_first_line(err)}") from None
+            raise RlctlError(f"critic.path: cannot load a model body from {path!r}: {first_line(err)}") from None
     model = ValueModel(backbone, backbone.config.hidden_size).to(getattr(torch, dtype))
     head_file = None if source is None else Path(source) / "value_head.safetensors"
     if head_file is not None and head_file.exists():

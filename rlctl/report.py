@@ -13,6 +13,10 @@ from rlctl.errors import RlctlError
 
 CURVES = (("reward/mean", "reward"), ("accuracy", "accuracy (train samples)"), ("kl", "KL to reference"),
           ("response_len/mean", "response length (tokens)"))  # fmt: skip
+# `rlctl rm` runs: what each panel shows, and the held-out key drawn on the accuracy panel.
+RM_CURVES = (("loss/rm", "Bradley-Terry loss"), ("rm/accuracy", "pairwise accuracy (train pairs)"),
+             ("rm/margin", "r_chosen − r_rejected"), ("grad_norm", "gradient norm"))  # fmt: skip
+STEP_KEYS = ("reward/mean", "loss/rm")  # a metrics row holding one of these is a training step
 SWEEP_COLUMNS = ("reward/mean", "accuracy", "kl", "response_len/mean")
 SHORT_NAMES = {"reward/mean": "reward", "accuracy": "acc", "response_len/mean": "len", "eval before": "before",
                "eval after": "after"}  # fmt: skip
@@ -27,9 +31,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     evals: dict[int, dict[str, Any]] = {}
     for line in file.read_text().splitlines():
         row = json.loads(line)
-        if "reward/mean" in row:
+        if any(key in row for key in STEP_KEYS):
             by_step[row["step"]] = row
-        elif "eval/accuracy" in row:
+        elif any(key.startswith("eval/") for key in row):
             evals[row["step"]] = row
     rows = [by_step[k] for k in sorted(by_step)]
     for row in rows:
@@ -47,20 +51,24 @@ def plot_run(run_dir: Path) -> Path:
     rows = read_metrics(run_dir)
     if not rows:
         raise RlctlError(f"report: {run_dir}/metrics.jsonl holds no training steps yet")
-    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    reward_model = "loss/rm" in rows[0]
+    curves, accuracy_key, held_out_key = (
+        (RM_CURVES, "rm/accuracy", "pairwise_accuracy") if reward_model else (CURVES, "accuracy", "accuracy")
+    )
+    evals = [(r["step"], r[f"eval/{held_out_key}"]) for r in rows if f"eval/{held_out_key}" in r]
     eval_file = Path(run_dir) / "eval.json"
     if eval_file.exists():
         both = json.loads(eval_file.read_text())
         if both.get("before"):
-            evals.insert(0, (0, both["before"]["accuracy"]))
+            evals.insert(0, (0, both["before"][held_out_key]))
         if both.get("after"):
-            evals.append((rows[-1]["step"], both["after"]["accuracy"]))
+            evals.append((rows[-1]["step"], both["after"][held_out_key]))
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    for ax, (key, title) in zip(axes.flat, curves):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), marker=".", label="training batch")
-        if key == "accuracy" and evals:
+        if key == accuracy_key and evals:
             ax.plot(*zip(*sorted(set(evals))), marker="o", label="held-out (greedy)")
             ax.legend()
         if not points and key == "kl":
@@ -102,6 +110,33 @@ def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
     if last:
         lines += ["", "Last training step: " + ", ".join(f"{k} {last[k]:.4g}" for k in SWEEP_COLUMNS if k in last)]
     lines += ["", "## Reproduce", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def rm_model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
+    """README.md of a reward model: base model, data, held-out pairwise accuracy, how to use it."""
+    eval_file = Path(run_dir) / "eval.json"
+    evaluation = json.loads(eval_file.read_text()) if eval_file.exists() else {}
+    rows = read_metrics(run_dir)
+    data = config["data"]
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-classification", "tags: [rlctl, reward-model]",
+        f"base_model: {config['model']['path']}", "---", "",
+        f"# A reward model from {config['model']['name']}, trained by rlctl", "",
+        "A one-label sequence classifier: the score of a whole conversation (prompt + reply, in the chat "
+        "template of this folder's tokenizer), trained with the Bradley-Terry loss on preference pairs.", "",
+        f"- base model: `{config['model']['path']}`",
+        f"- data: `{data['source']}`" + (f" from `{data['path']}`" if data.get("path") else ""),
+        f"- steps: {rows[-1]['step'] if rows else 0} × {config['pairs_per_step']} pairs",
+        "", "## Results", "",
+    ]  # fmt: skip
+    if evaluation.get("before") and evaluation.get("after"):
+        lines += ["| held-out pairs | before | after |", "|---|---|---|"]
+        for key in ("pairwise_accuracy", "margin_mean"):
+            lines.append(f"| {key} | {evaluation['before'][key]:.3f} | {evaluation['after'][key]:.3f} |")
+    lines += ["", "## Use", "", "```", "rlctl train reward=model reward.model_path=THIS_FOLDER", "```", "",
+              "or `AutoModelForSequenceClassification.from_pretrained(THIS_FOLDER)`.", "",
+              "## Reproduce", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ def sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], 
                 prompt_texts=[_display(s.train_prompts.examples[i].prompt) for i in picked],
             )
         with timer("reward"):
-            result = s.rewards(batch.completions, batch.answers)
+            chats = [s.train_prompts.conversations[i] for i in picked for _ in range(algo.group_size)]
+            result = s.rewards(batch.completions, batch.answers, chats)
             results.append(result)
             penalty = algo.length_penalty(batch.response_mask.sum(dim=1))
             batch = batch.with_(scores=result.scores + penalty, length_penalty=penalty, correct=result.correct)

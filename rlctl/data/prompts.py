@@ -23,6 +23,7 @@ class PromptFormat:
 class PromptSet:
     examples: list[Example]  # the examples kept, aligned with token_ids
     token_ids: list[list[int]]  # prompt tokens, special tokens included exactly once
+    conversations: list[list[dict]]  # the chat each prompt stands for (template and system prompt applied)
     skipped: int  # prompts dropped for being longer than the limit
     truncated: int  # prompts cut to the limit
 
@@ -30,8 +31,13 @@ class PromptSet:
         return len(self.examples)
 
 
-def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
-    """The prompt as text, and whether it already holds the special tokens (from a chat template)."""
+def conversation(example: Example, fmt: PromptFormat) -> list[dict]:
+    """The prompt as chat messages: a string prompt through ``prompt_template`` as the user's
+    message, the system prompt first. What a reward model or a reward server is shown."""
+    return _messages(example, fmt)[1]
+
+
+def _messages(example: Example, fmt: PromptFormat) -> tuple[str | None, list[dict]]:
     if isinstance(example.prompt, str):
         try:
             text = fmt.prompt_template.format(prompt=example.prompt)
@@ -44,6 +50,12 @@ def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
         text, messages = None, list(example.prompt)
     if fmt.system_prompt and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": fmt.system_prompt}, *messages]
+    return text, messages
+
+
+def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
+    """The prompt as text, and whether it already holds the special tokens (from a chat template)."""
+    text, messages = _messages(example, fmt)
     if fmt.chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
     if text is None:
@@ -57,7 +69,7 @@ def encode_prompts(examples: list[Example], fmt: PromptFormat, tokenizer) -> Pro
     """Tokenise every prompt once. A chat template already writes BOS, so no second one is added."""
     if fmt.overlong not in ("skip", "truncate"):
         raise RlctlError(f"data.overlong: must be 'skip' or 'truncate', got {fmt.overlong!r}")
-    kept, ids, skipped, truncated = [], [], 0, 0
+    kept, ids, chats, skipped, truncated = [], [], [], 0, 0
     for example in examples:
         text, has_special = render(example, fmt, tokenizer)
         if fmt.overlong == "skip" and len(text) > fmt.max_prompt_tokens * _MAX_CHARS_PER_TOKEN:
@@ -71,4 +83,5 @@ def encode_prompts(examples: list[Example], fmt: PromptFormat, tokenizer) -> Pro
             tokens, truncated = tokens[-fmt.max_prompt_tokens :], truncated + 1
         kept.append(example)
         ids.append(tokens)
-    return PromptSet(kept, ids, skipped, truncated)
+        chats.append(conversation(example, fmt))
+    return PromptSet(kept, ids, chats, skipped, truncated)

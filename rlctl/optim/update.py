@@ -50,15 +50,15 @@ def accumulate(engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn)
     minibatch loss, detached stats).
 
     Stats: ``loss/*`` entries are shares and are summed (times the number of ranks, so that their
-    mean over ranks is the minibatch loss); the others are means over the micro-batch's tokens and
-    are averaged weighted by tokens.
+    mean over ranks is the minibatch loss); the others are means over the micro-batch (its tokens,
+    or its pairs) and are averaged weighted by ``stat_weight``.
     """
     sums: dict[str, float] = {}
-    tokens_total = float(minibatch.response_mask.sum()) or 1.0
+    weight_total = minibatch.stat_weight or 1.0
     for micro in micro_batches(minibatch, micro_batch_size):
         loss, stats = loss_fn(micro)
         engine.backward(loss)
-        weight = float(micro.response_mask.sum()) / tokens_total
+        weight = micro.stat_weight / weight_total
         for key, value in stats.items():
             share = key.startswith("loss/")
             sums[key] = sums.get(key, 0.0) + float(value) * (engine.world_size if share else weight)

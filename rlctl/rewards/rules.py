@@ -9,6 +9,7 @@ for a right answer and 0.0 otherwise, so the mean of its score is the accuracy.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields
 
 RULES: dict[str, Callable[..., float]] = {}
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -115,7 +116,7 @@ def load_user_reward(spec: str) -> Callable[..., float]:
                 f"reward.fn: {name}{signature} in {file}: a batched reward gets completions= and answers= (lists) "
                 "and returns a list of scores; it may not require other arguments"
             ) from None
-        return BatchedReward(fn, answers_name)
+        return BatchedReward(fn, answers_name, takes_prompts="prompts" in signature.parameters)
     try:
         signature.bind("completion", "answer")
     except TypeError:
@@ -129,13 +130,17 @@ def load_user_reward(spec: str) -> Callable[..., float]:
 @dataclass(frozen=True)
 class BatchedReward:
     """A user reward called once per batch: fn(completions=[...], answers=[...]) -> [score or None]
-    (TRL's convention; None, like a failure, scores the fallback)."""
+    (TRL's convention; None, like a failure, scores the fallback). A function that also takes
+    ``prompts`` gets each prompt's chat messages."""
 
     fn: Callable[..., list]
     answers_name: str  # the keyword its reference answers go in: "answers" (or TRL-style "answer")
+    takes_prompts: bool = False
+    time_limited = True  # user code: runs in a worker thread under reward.timeout_s
 
-    def __call__(self, completions: list[str], answers: list[str]) -> list:
-        values = self.fn(completions=completions, **{self.answers_name: answers})
+    def __call__(self, prompts: list, completions: list[str], answers: list[str]) -> list:
+        extra = {"prompts": prompts} if self.takes_prompts else {}
+        values = self.fn(completions=completions, **{self.answers_name: answers}, **extra)
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = f"a list of {len(values)}" if isinstance(values, (list, tuple)) else type(values).__name__
             raise TypeError(
@@ -149,11 +154,43 @@ def resolve_rule(name: str) -> Callable[..., float]:
     if ".py:" in name:
         return load_user_reward(name)
     if name not in RULES:
-        raise RlctlError(f"reward.terms: unknown reward {name!r}; known: {sorted(RULES)} or 'path/to/file.py:function'")
+        raise RlctlError(
+            f"reward.terms: unknown reward {name!r}; known: {sorted([*RULES, *SCORERS])} or 'path/to/file.py:function'"
+        )
     return RULES[name]
 
 
 StepRewards = list[tuple[int, float]]  # (character offset in the completion, reward)
+
+# Terms that score a whole batch with a model or a server; build makes them from the reward group's
+# keys (reward.model_path, reward.url, ...) and hands them to WeightedRewards by name.
+SCORERS = {"reward_model": "reward.model_path", "http": "reward.url"}
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """The rule keys of the ``reward`` group, filled by field name (the scorers' keys go to their specs)."""
+
+    terms: list  # [{"name", "weight", "pattern"}]
+    fn: str | None  # a user function "file.py:function" replacing the terms
+    accuracy_term: int
+    timeout_s: float
+    fallback: float
+    on_error: str
+    max_failed_steps: int
+
+    def __post_init__(self) -> None:
+        checks = (("timeout_s", self.timeout_s >= 0, "must be ≥ 0 (0 = no limit)"),
+                  ("fallback", math.isfinite(self.fallback), "must be a finite number"),
+                  ("on_error", self.on_error in ("fallback", "stop"), "must be 'fallback' or 'stop'"),
+                  ("max_failed_steps", self.max_failed_steps >= 1, "must be ≥ 1"))  # fmt: skip
+        check_fields(self, checks)
+
+    def term_list(self) -> list[Term]:
+        if self.fn:
+            return [Term(self.fn, 1.0, {})]
+        return [Term(t["name"], t["weight"], {"pattern": t["pattern"]} if t["pattern"] is not None else {})
+                for t in self.terms]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -196,6 +233,7 @@ class WeightedRewards:
         timeout_s: float = 10.0,
         fallback: float = 0.0,
         on_error: str = "fallback",
+        scorers: dict | None = None,
     ):
         if not terms:
             raise RlctlError("reward.terms: at least one reward term is needed")
@@ -204,7 +242,8 @@ class WeightedRewards:
         if on_error not in ("fallback", "stop"):
             raise RlctlError(f"reward.on_error: must be 'fallback' or 'stop', got {on_error!r}")
         self.terms, self.accuracy_term = terms, accuracy_term
-        self.functions = [resolve_rule(term.name) for term in terms]
+        scorers = scorers or {}  # term name -> a batch scorer built from its settings (a model, a server)
+        self.functions = [scorers[term.name] if term.name in scorers else resolve_rule(term.name) for term in terms]
         self.timeout_s, self.fallback, self.on_error = timeout_s, fallback, on_error
         self.errors = 0  # calls that failed since construction
         self._failures: dict[str, tuple[int, str]] = {}  # of the current call: term -> (count, first error)
@@ -246,11 +285,16 @@ class WeightedRewards:
             ) from None
         return self.fallback
 
-    def _call_batched(self, fn: BatchedReward, term: Term, completions: list[str], answers: list[str]) -> list:
+    def _call_batched(self, fn, term: Term, prompts: list, completions: list[str], answers: list[str]) -> list:
         """One call for the whole batch: if it fails every sample gets the fallback; a None or
         non-finite entry gives that sample the fallback."""
         try:
-            values = self._run(fn, completions, answers)
+            if fn.time_limited:
+                values = self._run(fn, prompts, completions, answers)
+            else:
+                values = fn(prompts, completions, answers)
+        except RlctlError:
+            raise
         except Exception as err:
             return [self._fail(term, err, "(a batch)", samples=len(completions))] * len(completions)
         return [
@@ -259,15 +303,39 @@ class WeightedRewards:
             for v, completion in zip(values, completions)
         ]  # fmt: skip
 
-    def __call__(self, completions: list[str], answers: list[str]) -> RewardResult:
+    def state_dict(self) -> dict:
+        """What the terms learn while scoring (a reward model's running moments), for checkpoints."""
+        return {term.name: fn.state_dict() for term, fn in zip(self.terms, self.functions) if hasattr(fn, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for term, fn in zip(self.terms, self.functions):
+            if term.name in state and hasattr(fn, "load_state_dict"):
+                fn.load_state_dict(state[term.name])
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Score without learning from it: a reward model's running moments stay as training left them."""
+        stateful = [fn for fn in self.functions if hasattr(fn, "learning")]
+        for fn in stateful:
+            fn.learning = False
+        try:
+            yield self
+        finally:
+            for fn in stateful:
+                fn.learning = True
+
+    def __call__(self, completions: list[str], answers: list[str], prompts: list | None = None) -> RewardResult:
+        """Score each completion; ``prompts`` are the chats they answer (the batch scorers need them)."""
         self._failures = {}
+        prompts = prompts if prompts is not None else [[] for _ in completions]
         per_term: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions))
         steps: list[StepRewards] = [[] for _ in completions]
         any_steps = False
         for index, (term, fn) in enumerate(zip(self.terms, self.functions)):
             values = []
-            batch_values = self._call_batched(fn, term, completions, answers) if isinstance(fn, BatchedReward) else None
+            batched = hasattr(fn, "time_limited")  # a BatchedReward or a scorer: one call for the batch
+            batch_values = self._call_batched(fn, term, prompts, completions, answers) if batched else None
             for row, (completion, answer) in enumerate(zip(completions, answers)):
                 value = batch_values[row] if batch_values is not None else self._call(fn, term, completion, answer)
                 if isinstance(value, (list, tuple)):  # step rewards

@@ -1,0 +1,195 @@
+"""Preference pairs for reward models (and DPO): a prompt, a chosen reply and a rejected one.
+
+JSONL rows take the format of TRL and OpenRLHF: ``prompt``, ``chosen``, ``rejected`` as strings, or
+as chat messages (``[{"role", "content"}, ...]``); a ``chosen``/``rejected`` conversation that
+repeats the prompt's messages first is taken as the whole conversation. An optional ``margin``
+(a number) asks the reward model for at least that gap. The built-in pairs come from the
+arithmetic task, split by problem like its prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rlctl.data.sources import ARITHMETIC_INSTRUCTION, SourceSpec, arithmetic, read_jsonl, split_held_out
+from rlctl.errors import RlctlError
+
+Messages = list[dict]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: Messages  # the conversation up to the reply
+    chosen: Messages  # the preferred reply (assistant messages)
+    rejected: Messages  # the other reply
+    margin: float  # the score gap asked for (0 = plain Bradley-Terry)
+    origin: str  # "file.jsonl:17" or "arithmetic:3 + 4", for error messages
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    """The ``data`` group of ``rlctl rm``, filled by field name."""
+
+    source: str  # arithmetic | jsonl
+    path: str | None
+    eval_path: str | None
+    eval_fraction: float
+    eval_size: int
+    seed: int
+    digits: int
+    num_operands: int
+    operators: str
+    pairs_per_problem: int
+    system_prompt: str | None
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        checks = (("source", self.source in PREFERENCE_SOURCES, f"must be one of {sorted(PREFERENCE_SOURCES)}"),
+                  ("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1)"),
+                  ("eval_size", self.eval_size >= 1, "must be ≥ 1"),
+                  ("pairs_per_problem", self.pairs_per_problem >= 1, "must be ≥ 1"),
+                  ("max_tokens", self.max_tokens >= 8, "must be ≥ 8"))  # fmt: skip
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)!r}")
+
+
+def _messages(value, field: str, origin: str, role: str | None) -> Messages:
+    """A string (as one message of ``role``) or chat messages, checked."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RlctlError(f"data: row {origin}: field {field!r} is empty")
+        return [{"role": role or "user", "content": value}]
+    if (
+        isinstance(value, list) and value
+        and all(isinstance(m, dict) and {"role", "content"} <= set(m) and isinstance(m["content"], str) for m in value)
+    ):  # fmt: skip
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise RlctlError(
+        f"data: row {origin}: field {field!r} must be a non-empty string or chat messages "
+        f"([{{'role': ..., 'content': ...}}, ...]), got {str(value)[:60]!r}"
+    )
+
+
+def pair_from_row(row: dict, origin: str, system_prompt: str | None = None) -> PreferencePair:
+    missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+    if missing:
+        raise RlctlError(
+            f"data: row {origin} has no field {missing[0]!r} (fields: {sorted(row)}); a preference row needs "
+            "prompt, chosen and rejected"
+        )
+    prompt = _messages(row["prompt"], "prompt", origin, "user")
+    replies = []
+    for field in ("chosen", "rejected"):
+        reply = _messages(row[field], field, origin, "assistant")
+        if reply[: len(prompt)] == prompt and len(reply) > len(prompt):  # the whole conversation (OpenRLHF)
+            reply = reply[len(prompt) :]
+        replies.append(reply)
+    if replies[0] == replies[1]:
+        raise RlctlError(f"data: row {origin}: chosen and rejected are the same reply; a pair must differ")
+    margin = row.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise RlctlError(f"data: row {origin}: field 'margin' must be a number, got {margin!r}")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    return PreferencePair(prompt, replies[0], replies[1], float(margin), origin)
+
+
+def _jsonl(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    if not spec.path:
+        raise RlctlError(
+            "data.path: the jsonl source needs a file of preference pairs (data.path=/path/to/pairs.jsonl)"
+        )
+    pairs = [pair_from_row(row, origin, spec.system_prompt) for origin, row in read_jsonl(spec.path)]
+    if spec.eval_path:
+        return pairs, [pair_from_row(row, origin, spec.system_prompt) for origin, row in read_jsonl(spec.eval_path)]
+    return split_held_out(pairs, spec)
+
+
+# Replies that bury the right answer in rambling: rejected, so the reward model learns to prefer a
+# plain answer to the same number wrapped in doubt and filler.
+_RAMBLING = (
+    "Hmm, let me think about this for a while. Numbers can be tricky, and there are many ways to add "
+    "them up. I am fairly sure, though not certain, that it comes to {x}, more or less.",
+    "Well, that is an interesting question! People do sums like this every day. If I count carefully "
+    "on my fingers, I believe the result is probably {x}, but please check it yourself.",
+    "There are several ways to look at {expression}. One could draw it, or count objects, or use a "
+    "number line. After some consideration, my best guess would be {x}.",
+)
+_PLAIN = ("{x}", "The answer is {x}.", "{expression} = {x}")
+
+
+def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Pairs from the arithmetic task: chosen states the right number plainly; rejected states a
+    wrong one in the same words (7 times in 10), or the right one buried in rambling."""
+    problems = SourceSpec(digits=spec.digits, num_operands=spec.num_operands, operators=spec.operators,
+                          eval_fraction=spec.eval_fraction, seed=spec.seed)  # fmt: skip
+    train, held_out = arithmetic(problems)
+    rng = random.Random(spec.seed)
+
+    def pairs(examples) -> list[PreferencePair]:
+        made = []
+        for example in examples:
+            expression = example.origin.split(":", 1)[1]
+            value = int(example.answer)
+            prompt = [{"role": "user", "content": f"What is {expression}? {ARITHMETIC_INSTRUCTION}"}]
+            if spec.system_prompt:
+                prompt = [{"role": "system", "content": spec.system_prompt}, *prompt]
+            for _ in range(spec.pairs_per_problem):
+                form = rng.choice(_PLAIN)
+                chosen = form.format(x=value, expression=expression)
+                if rng.random() < 0.7:
+                    offset = rng.choice([d for d in range(-5, 6) if d != 0])
+                    rejected = form.format(x=value + offset, expression=expression)
+                else:
+                    rejected = rng.choice(_RAMBLING).format(x=value, expression=expression)
+                made.append(PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
+                                           [{"role": "assistant", "content": rejected}], 0.0, example.origin))  # fmt: skip
+        rng.shuffle(made)
+        return made
+
+    return pairs(train), pairs(held_out)
+
+
+PREFERENCE_SOURCES = {"arithmetic": _arithmetic, "jsonl": _jsonl}
+
+
+def load_pairs(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    train, held_out = PREFERENCE_SOURCES[spec.source](spec)
+    if not train:
+        raise RlctlError(f"data: the {spec.source!r} source gave no training pairs")
+    return train, held_out[: spec.eval_size]
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    pairs: list[PreferencePair]  # the pairs kept, aligned with the ids
+    chosen_ids: list[list[int]]  # prompt + chosen reply, special tokens included once
+    rejected_ids: list[list[int]]
+    skipped: int  # pairs with a side longer than max_tokens
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def encode_pairs(pairs: list[PreferencePair], tokenizer, max_tokens: int) -> EncodedPairs:
+    """Both sides of each pair as the model reads them (its chat template when it has one); a pair
+    with a side longer than ``max_tokens`` is skipped (cutting it could cut what decides it)."""
+    from rlctl.rewards.model import encode_conversation
+
+    kept, chosen_ids, rejected_ids, skipped = [], [], [], 0
+    for pair in pairs:
+        chosen = encode_conversation(tokenizer, pair.prompt + pair.chosen)
+        rejected = encode_conversation(tokenizer, pair.prompt + pair.rejected)
+        if max(len(chosen), len(rejected)) > max_tokens:
+            skipped += 1
+            continue
+        if chosen == rejected:
+            raise RlctlError(
+                f"data: row {pair.origin}: chosen and rejected read the same once tokenised; a pair must differ"
+            )
+        kept.append(pair)
+        chosen_ids.append(chosen)
+        rejected_ids.append(rejected)
+    return EncodedPairs(kept, chosen_ids, rejected_ids, skipped)
