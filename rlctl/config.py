@@ -114,7 +114,7 @@ class RewardConfig:
     normalize: bool = False  # reward_model term: (score − running mean) / running std, the moments kept in checkpoints
     clip: float = 0.0  # reward_model term: clamp the (normalised) score to [−clip, clip] (0 = off)
     url: str | None = None  # http term: reward server; POST {prompts, completions, answers} -> {scores}
-    headers: dict[str, str] = field(default_factory=dict)  # http term: header name -> env variable holding its value
+    headers: dict[str, str] = field(default_factory=dict)  # http term: header -> env variable with its value (+reward.headers.Authorization=RM_API_KEY)
     retries: int = 2  # http term: further tries after a connection error, a timeout (timeout_s) or a 429/5xx
 
 
@@ -246,7 +246,8 @@ class PreferenceDataConfig:
     digits: int = 1  # arithmetic: digits per operand
     num_operands: int = 2  # arithmetic: operands per problem
     operators: str = "+"  # arithmetic: operators to draw from, any of "+-*"
-    pairs_per_problem: int = 4  # arithmetic: pairs made from each problem
+    pairs_per_problem: int = 8  # arithmetic: pairs made from each problem
+    rambling_fraction: float = 0.5  # arithmetic: share of rejected replies that bury the right number in rambling
     system_prompt: str | None = None  # system message prepended to every prompt
     max_tokens: int = 512  # pairs with a side (prompt + reply) longer than this are skipped
 
@@ -270,7 +271,7 @@ class RMConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str = "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH
     pairs_per_step: int = 16  # preference pairs per optimiser update, per process
-    epochs: float = 2.0  # passes over the training pairs (when steps = 0)
+    epochs: float = 3.0  # passes over the training pairs (when steps = 0)
     steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
     margin: float = 0.0  # added to every pair's own margin: loss = −log σ(r_chosen − r_rejected − margin)
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end

@@ -173,8 +173,14 @@ def evaluate_pairs(r: RMRun) -> dict[str, float]:
         gaps.append(chosen - rejected)
     model.train()
     gap = torch.cat(gaps)
-    return {"pairwise_accuracy": float((gap > 0).float().mean()), "margin_mean": float(gap.mean()),
-            "n_pairs": len(r.held_out), "time_s": time.perf_counter() - started}  # fmt: skip
+    results = {"pairwise_accuracy": float((gap > 0).float().mean()), "margin_mean": float(gap.mean()),
+               "n_pairs": len(r.held_out)}  # fmt: skip
+    kinds = [pair.kind for pair in r.held_out.pairs]
+    for kind in sorted(set(kinds) - {""}):  # built-in pairs: each kind of worse reply on its own
+        picked = torch.tensor([k == kind for k in kinds])
+        results[f"pairwise_accuracy/{kind}"] = float((gap[picked] > 0).float().mean())
+    results["time_s"] = time.perf_counter() - started
+    return results
 
 
 def _evaluate_and_log(r: RMRun, step: int, label: str) -> dict[str, float]:

@@ -25,6 +25,7 @@ class PreferencePair:
     rejected: Messages  # the other reply
     margin: float  # the score gap asked for (0 = plain Bradley-Terry)
     origin: str  # "file.jsonl:17" or "arithmetic:3 + 4", for error messages
+    kind: str = ""  # built-in pairs: what makes the rejected reply worse (evaluation reports each kind)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class PreferenceSpec:
     num_operands: int
     operators: str
     pairs_per_problem: int
+    rambling_fraction: float
     system_prompt: str | None
     max_tokens: int
 
@@ -49,6 +51,7 @@ class PreferenceSpec:
                   ("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1)"),
                   ("eval_size", self.eval_size >= 1, "must be ≥ 1"),
                   ("pairs_per_problem", self.pairs_per_problem >= 1, "must be ≥ 1"),
+                  ("rambling_fraction", 0 <= self.rambling_fraction <= 1, "must be in [0, 1]"),
                   ("max_tokens", self.max_tokens >= 8, "must be ≥ 8"))  # fmt: skip
         for key, ok, requirement in checks:
             if not ok:
@@ -107,8 +110,8 @@ def _jsonl(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferenceP
     return split_held_out(pairs, spec)
 
 
-# Replies that bury the right answer in rambling: rejected, so the reward model learns to prefer a
-# plain answer to the same number wrapped in doubt and filler.
+# Replies that bury the right answer in rambling, in the ways a small chat model rambles: rejected,
+# so the reward model learns to prefer the plain number to the same number wrapped in filler.
 _RAMBLING = (
     "Hmm, let me think about this for a while. Numbers can be tricky, and there are many ways to add "
     "them up. I am fairly sure, though not certain, that it comes to {x}, more or less.",
@@ -116,13 +119,19 @@ _RAMBLING = (
     "on my fingers, I believe the result is probably {x}, but please check it yourself.",
     "There are several ways to look at {expression}. One could draw it, or count objects, or use a "
     "number line. After some consideration, my best guess would be {x}.",
+    "To solve the equation {expression}, we need to convert both numbers to the same base first and "
+    "then combine them, which gives {x} when you put them together.",
+    "That's a classic riddle! Using the property of identity, we find that {expression} is {x}, "
+    "which is the result of the expression.",
+    "Alright, first, how do you find {expression}? Think of it as combining two groups of things: "
+    "{x} when you combine them, not just simply adding.",
 )
-_PLAIN = ("{x}", "The answer is {x}.", "{expression} = {x}")
+_PLAIN = ("{x}", "{x}", "The answer is {x}.")  # what the exact-number rule accepts: the number comes first
 
 
 def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Pairs from the arithmetic task: chosen states the right number plainly; rejected states a
-    wrong one in the same words (7 times in 10), or the right one buried in rambling."""
+    wrong one in the same words, or (``rambling_fraction`` of the time) the right one buried in rambling."""
     problems = SourceSpec(digits=spec.digits, num_operands=spec.num_operands, operators=spec.operators,
                           eval_fraction=spec.eval_fraction, seed=spec.seed)  # fmt: skip
     train, held_out = arithmetic(problems)
@@ -139,13 +148,13 @@ def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[Prefer
             for _ in range(spec.pairs_per_problem):
                 form = rng.choice(_PLAIN)
                 chosen = form.format(x=value, expression=expression)
-                if rng.random() < 0.7:
+                if rng.random() >= spec.rambling_fraction:
                     offset = rng.choice([d for d in range(-5, 6) if d != 0])
-                    rejected = form.format(x=value + offset, expression=expression)
+                    rejected, kind = form.format(x=value + offset, expression=expression), "wrong_number"
                 else:
-                    rejected = rng.choice(_RAMBLING).format(x=value, expression=expression)
+                    rejected, kind = rng.choice(_RAMBLING).format(x=value, expression=expression), "rambling"
                 made.append(PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
-                                           [{"role": "assistant", "content": rejected}], 0.0, example.origin))  # fmt: skip
+                                           [{"role": "assistant", "content": rejected}], 0.0, example.origin, kind))  # fmt: skip
         rng.shuffle(made)
         return made
 
