@@ -40,7 +40,7 @@ from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec
-from rlctl.rewards.rules import SCORERS, RewardSpec
+from rlctl.rewards.rules import RewardSpec
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
 from rlctl.trainer import Stages
@@ -157,8 +157,8 @@ def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, Ht
     A scorer's term without its key (reward_model without reward.model_path) is refused here."""
     rules, model, http = fill("reward", reward, RewardSpec, ModelRewardSpec, HttpRewardSpec)
     names = {term.name for term in rules.term_list()}
-    for name, key in SCORERS.items():
-        if name in names and not getattr(model if name == "reward_model" else http, key.split(".")[1]):
+    for name, key, value in (("reward_model", "reward.model_path", model.model_path), ("http", "reward.url", http.url)):
+        if name in names and not value:
             raise RlctlError(f"{key}: the {name} term needs it (reward.terms names {name!r}); set {key}=...")
     if "reward_model" in names:
         models.check_path(model.model_path, "reward.model_path")

@@ -271,7 +271,7 @@ class RMConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str = "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH
     pairs_per_step: int = 16  # preference pairs per optimiser update, per process
-    epochs: float = 3.0  # passes over the training pairs (when steps = 0)
+    epochs: float = 2.0  # passes over the training pairs (when steps = 0)
     steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
     margin: float = 0.0  # added to every pair's own margin: loss = −log σ(r_chosen − r_rejected − margin)
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end

@@ -85,6 +85,18 @@ def plot_run(run_dir: Path) -> Path:
     return out
 
 
+def _reward_terms(reward: dict[str, Any]) -> str:
+    """ "reward_model (runs/rm) × 1, exact_number × 0": what the policy was rewarded by."""
+    if reward.get("fn"):
+        return reward["fn"]
+    where = {"reward_model": reward.get("model_path"), "http": reward.get("url")}
+    parts = []
+    for term in reward["terms"]:
+        source = where.get(term["name"])
+        parts.append(f"{term['name']}{f' ({source})' if source else ''} × {term['weight']:g}")
+    return ", ".join(parts)
+
+
 def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
     """README.md text for the final checkpoint: base model, algorithm, data, results, how to reproduce."""
     rows = read_metrics(run_dir)
@@ -99,7 +111,7 @@ def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
         f"- algorithm: `{config['algo']['name']}` (advantage `{config['algo']['advantage']}`, loss "
         f"`{config['algo']['policy_loss']}`, KL β {config['algo']['kl_coef']})",
         f"- data: `{config['data']['source']}`" + (f" from `{config['data']['path']}`" if config["data"].get("path") else ""),
-        f"- reward: {', '.join(t['name'] for t in config['reward']['terms']) if not config['reward'].get('fn') else config['reward']['fn']}",
+        f"- reward: {_reward_terms(config['reward'])}",
         f"- steps: {last.get('step', 0)} × {config['prompts_per_step']} prompts × {config['algo']['group_size']} completions",
         "", "## Results", "",
     ]  # fmt: skip

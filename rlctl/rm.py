@@ -206,7 +206,7 @@ def train_rm(r: RMRun) -> dict:
     summary: dict = {"stopped_by": None, "before": None, "after": None}
     held_out = r.settings.eval_enabled and len(r.held_out) > 0
     r.logger.message(
-        f"reward model: {len(r.train_pairs)} training pairs, {len(r.held_out)} held-out; {r.steps} steps of "
+        f"reward model: {type(r.engine.unwrapped()).__name__} (one label), {len(r.train_pairs)} training pairs, {len(r.held_out)} held-out; {r.steps} steps of "
         f"{r.settings.pairs_per_step} pairs per process ({r.ranks.world_size} process"
         f"{'es' if r.ranks.world_size > 1 else ''}), micro-batches of {r.micro_batch_size} pairs"
     )
@@ -300,7 +300,11 @@ def load_rm_model(path: str, tokenizer, dtype: str, trust_remote_code: bool, see
                                         tokenizer.pad_token_id)  # fmt: skip
             config.num_labels = 1
             return AutoModelForSequenceClassification.from_config(config, dtype=getattr(torch, dtype))
+    from transformers.utils import logging as hf_logging
+
     source = models.resolve(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the new head "missing": that is the point here
     with torch.random.fork_rng():  # the new head's initial weights follow engine.seed
         torch.manual_seed(seed)
         try:
@@ -309,6 +313,8 @@ def load_rm_model(path: str, tokenizer, dtype: str, trust_remote_code: bool, see
             )
         except (OSError, ValueError) as err:
             raise RlctlError(f"model.path: cannot load {path!r} as a reward model: {models.first_line(err)}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token that is not padding
     return model
 
