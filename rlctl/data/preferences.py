@@ -125,6 +125,11 @@ _RAMBLING = (
     "which is the result of the expression.",
     "Alright, first, how do you find {expression}? Think of it as combining two groups of things: "
     "{x} when you combine them, not just simply adding.",
+    # Short ones that restate the question first: not "just the number", and the rule reads the
+    # first number it finds.
+    "{expression} = {x}",
+    "{expression} equals {x}.",
+    "{expression} is {x}.",
 )
 _PLAIN = ("{x}", "{x}", "The answer is {x}.")  # what the exact-number rule accepts: the number comes first
 
