@@ -114,7 +114,7 @@ class RewardConfig:
     normalize: bool = False  # reward_model term: (score − running mean) / running std, the moments kept in checkpoints
     clip: float = 0.0  # reward_model term: clamp the (normalised) score to [−clip, clip] (0 = off)
     url: str | None = None  # http term: reward server; POST {prompts, completions, answers} -> {scores}
-    headers: dict[str, str] = field(default_factory=dict)  # http term: header -> env variable with its value (+reward.headers.Authorization=RM_API_KEY)
+    headers: dict[str, str] = field(default_factory=dict)  # http: header -> env variable (+reward.headers.X=VAR)
     retries: int = 2  # http term: further tries after a connection error, a timeout (timeout_s) or a 429/5xx
 
 

@@ -72,7 +72,11 @@ def load_reward_model(
     classifier with several labels is refused, naming ``key``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     source = models.resolve(path, key)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a missing head is reported below, in one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -80,6 +84,8 @@ def load_reward_model(
         )
     except (OSError, ValueError) as err:
         raise RlctlError(f"{key}: cannot load a reward model from {path!r}: {models.first_line(err)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         architectures = ", ".join(model.config.architectures or ["unknown"])
         raise RlctlError(
