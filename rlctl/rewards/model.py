@@ -71,7 +71,6 @@ def load_reward_model(
     and every weight present in the checkpoint. A causal LM (whose score head would be random) or a
     classifier with several labels is refused, naming ``key``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     source = models.resolve(path, key)
