@@ -338,7 +338,9 @@ def refuse_a_second_run_in(run_dir: Path) -> None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return
-    if any(f'"{key}"' in metrics.read_text(encoding="utf-8") for key in ("reward/mean", "loss/rm")):
+    from rlctl.report import STEP_KEYS
+
+    if any(f'"{key}"' in metrics.read_text(encoding="utf-8") for key in STEP_KEYS):
         raise RlctlError(
             f"resume: {run_dir} already holds a run that trained (metrics.jsonl), and this start would not continue "
             "it (resume=never, or no checkpoint yet); start this run in a new folder (hydra.run.dir=...)"

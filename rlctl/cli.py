@@ -1,9 +1,10 @@
-"""`rlctl train | eval | generate | recipes`: compose the config with Hydra, call one function."""
+"""`rlctl train | sft | rm | dpo | eval | generate | recipes`: compose the config with Hydra, call one function."""
 
 from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +18,9 @@ USAGE = """usage: rlctl COMMAND [overrides ...]
 
 commands:
   train      train a policy with RL (default: GRPO on SmolLM2-135M, built-in arithmetic)
+  sft        supervised fine-tuning on demonstrations (default: worked two-digit additions)
   rm         train a reward model from preference pairs (default: built-in arithmetic pairs)
+  dpo        direct preference optimisation on preference pairs (default: built-in arithmetic pairs)
   eval       score a model or a run's checkpoint on held-out prompts
   generate   sample completions from a model and print them
   recipes    list ready experiments (run one with `rlctl train recipe=NAME`)
@@ -98,35 +101,50 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
         stages.logger.close()
 
 
-def run_rm(cfg) -> dict:
-    """`rlctl rm`: a reward model from preference pairs, in a run folder like `train`'s."""
+def run_offline(cfg, command: str) -> dict:
+    """`rlctl rm | sft | dpo`: an offline stage, in a run folder like `train`'s."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from rlctl.report import plot_run, rm_model_card
-    from rlctl.rm import build_rm, train_rm
+    from rlctl.offline import train_offline
+    from rlctl.report import plot_run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
-    command = " ".join(["rlctl rm", *kept])
-    run = build_rm(cfg, run_dir, f"{command} hydra.run.dir={run_dir} resume=auto")
+    line = " ".join([f"rlctl {command}", *kept])
+    build, card, use = _offline_stages()[command]
+    run = build(cfg, run_dir, f"{line} hydra.run.dir={run_dir} resume=auto")
     if run.ranks.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     try:
-        summary = train_rm(run)
+        summary = train_offline(run)
         final = run_dir / "checkpoints" / "final"
         if run.ranks.is_main:
             if final.is_dir():
-                (final / "README.md").write_text(
-                    rm_model_card(run_dir, OmegaConf.to_container(cfg, resolve=True), command)
-                )
+                (final / "README.md").write_text(card(run_dir, OmegaConf.to_container(cfg, resolve=True), line))
             run.logger.message(f"curves: {plot_run(run_dir)}")
             if final.is_dir():
-                run.logger.message(f"use it in RL: rlctl train reward=model reward.model_path={final}")
+                run.logger.message(f"next: {use.format(final=final)}")
         return summary
     finally:
         run.logger.close()
+
+
+def _offline_stages() -> dict:
+    """command -> (build, model card, what to do with its final model)."""
+    from functools import partial
+
+    from rlctl.dpo import build_dpo
+    from rlctl.report import rm_model_card, stage_model_card
+    from rlctl.rm import build_rm
+    from rlctl.sft import build_sft
+
+    return {
+        "rm": (build_rm, rm_model_card, "rlctl train reward=model reward.model_path={final}"),
+        "sft": (build_sft, partial(stage_model_card, "sft"), "rlctl train model.path={final}"),
+        "dpo": (build_dpo, partial(stage_model_card, "dpo"), "rlctl eval model.path={final}"),
+    }
 
 
 # What `rlctl eval` / `rlctl generate` take from a run folder (or a recipe): how the run asked its
@@ -235,8 +253,9 @@ def run_generate(cfg) -> list:
     return batch.completions
 
 
-COMMANDS = {"train": run_train, "rm": run_rm, "eval": run_eval, "generate": run_generate}
-RUN_FOLDER_COMMANDS = ("train", "rm")  # commands that write a run folder
+COMMANDS = {"train": run_train, "eval": run_eval, "generate": run_generate,
+            **{stage: partial(run_offline, command=stage) for stage in ("rm", "sft", "dpo")}}  # fmt: skip
+RUN_FOLDER_COMMANDS = ("train", "rm", "sft", "dpo")  # commands that write a run folder
 
 
 def report(run_dir: str) -> None:
@@ -400,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes', 'report']}")
     if command in RUN_FOLDER_COMMANDS:
         _refuse_a_launch_that_started_too_few_processes()
-        rest = _one_run_folder_for_all_ranks(rest, "${algo.name}" if command == "train" else "rm")
+        rest = _one_run_folder_for_all_ranks(rest, "${algo.name}" if command == "train" else command)
     recipe_base = None
     if command in SETTINGS_FROM_RUN:
         recipe_base, rest = _recipe_for(command, rest)

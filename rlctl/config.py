@@ -90,6 +90,7 @@ class DataConfig:
     digits: int = 1  # arithmetic: digits per operand
     num_operands: int = 2  # arithmetic: operands per problem (operators = operands − 1)
     operators: str = "+"  # arithmetic: operators to draw from, any of "+-*"
+    instruction: str = "Answer with just the number."  # arithmetic: what the prompt asks after "What is 3 + 4?"
 
 
 @dataclass
@@ -277,6 +278,69 @@ class RMConfig:
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end
 
 
+@dataclass
+class SFTDataConfig(DataConfig):
+    completion_field: str = "completion"  # jsonl: the reply to train on, beside prompt_field
+    messages_field: str = "messages"  # jsonl: chat messages to train on (every assistant turn); used when a row has it
+    max_tokens: int = 1024  # demonstrations longer than this (prompt + reply, in tokens) are skipped
+    pack: bool = False  # concatenate each micro-batch's demonstrations into rows of ≤ max_tokens (attention kept per demonstration)
+
+
+@dataclass
+class SFTEvalConfig:
+    enabled: bool = True  # held-out loss (and accuracy, for rows with an answer) before, every `every` steps, after
+    every: int = 0  # steps between evaluations during training (0 = only before and after)
+    batch_size: int = 64  # demonstrations per forward pass, prompts per generate call
+    max_new_tokens: int = 64  # greedy completion length for held-out accuracy
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the causal LM to fine-tune
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the rules that judge held-out accuracy
+    optim: OptimConfig = field(default_factory=OptimConfig)  # micro_batch_size counts demonstrations; minibatch_size must be 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH
+    examples_per_step: int = 16  # demonstrations per optimiser update, per process
+    epochs: float = 1.0  # passes over the demonstrations (when steps = 0)
+    steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
+    save_final: bool = True  # write checkpoints/final (a causal LM, for rlctl train model.path=...)
+
+
+@dataclass
+class DPOEvalConfig:
+    enabled: bool = True  # held-out preference accuracy (and task accuracy) before, every `every` steps, after
+    every: int = 0  # steps between evaluations during training (0 = only before and after)
+    batch_size: int = 32  # pairs per forward pass, prompts per generate call
+    task_accuracy: bool = True  # arithmetic pairs: also held-out accuracy of greedy answers by the exact-number rule
+    max_new_tokens: int = 16  # greedy completion length for task accuracy
+
+
+@dataclass
+class DPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy; its initial weights are the reference
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # micro_batch_size counts pairs; minibatch_size must be 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH
+    pairs_per_step: int = 16  # preference pairs per optimiser update, per process
+    epochs: float = 1.0  # passes over the training pairs (when steps = 0)
+    steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
+    beta: float = 0.1  # β: strength of the pull towards the reference (sigmoid: reward scale; ipo: τ)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # sigmoid: chance a preference label is flipped (conservative DPO); 0 = plain DPO
+    save_final: bool = True  # write checkpoints/final (a causal LM)
+
+
 def fill(group: str, node: DictConfig | dict, *targets: type, **derived: Any):
     """Plain objects filled by field name from one config group: every field of every target is
     taken from the group's key of that name (or from ``derived``, values worked out from other
@@ -336,7 +400,8 @@ def check_known_keys(cfg: DictConfig, schema: type) -> None:
         raise RlctlError(f"{key}: no such setting (known here: {', '.join(known)}); check the spelling")
 
 
-SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "rm": RMConfig}
+SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "rm": RMConfig,
+           "sft": SFTConfig, "dpo": DPOConfig}  # fmt: skip
 
 
 def register_schemas() -> None:
@@ -346,3 +411,5 @@ def register_schemas() -> None:
     store.store(name="eval_schema", node=EvalCommandConfig)
     store.store(name="generate_schema", node=GenerateConfig)
     store.store(name="rm_schema", node=RMConfig)
+    store.store(name="sft_schema", node=SFTConfig)
+    store.store(name="dpo_schema", node=DPOConfig)

@@ -21,7 +21,8 @@ from rlctl.errors import RlctlError, check_fields
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
                 ("response_len/mean", "len"), ("loss/rm", "loss"), ("rm/accuracy", "acc"),
-                ("rm/margin", "margin"))  # fmt: skip
+                ("rm/margin", "margin"), ("loss/sft", "loss"), ("loss/dpo", "loss"), ("dpo/accuracy", "acc"),
+                ("dpo/reward_margin", "margin"))  # fmt: skip
 
 
 @dataclass(frozen=True)

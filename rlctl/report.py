@@ -16,7 +16,14 @@ CURVES = (("reward/mean", "reward"), ("accuracy", "accuracy (train samples)"), (
 # `rlctl rm` runs: what each panel shows, and the held-out key drawn on the accuracy panel.
 RM_CURVES = (("loss/rm", "Bradley-Terry loss"), ("rm/accuracy", "pairwise accuracy (train pairs)"),
              ("rm/margin", "r_chosen − r_rejected"), ("grad_norm", "gradient norm"))  # fmt: skip
-STEP_KEYS = ("reward/mean", "loss/rm")  # a metrics row holding one of these is a training step
+SFT_CURVES = (("loss/sft", "token NLL of the completions"), ("grad_norm", "gradient norm"), ("lr", "learning rate"),
+              ("time/step_s", "seconds per step"))  # fmt: skip
+DPO_CURVES = (("loss/dpo", "preference loss"), ("dpo/accuracy", "preference accuracy (train pairs)"),
+              ("dpo/reward_margin", "implicit reward margin"), ("dpo/reward_chosen", "implicit reward of chosen"))  # fmt: skip
+# The step key a command's metrics rows hold -> (its panels, the panel the held-out results join, their key).
+PANELS = {"reward/mean": (CURVES, "accuracy", "accuracy"), "loss/rm": (RM_CURVES, "rm/accuracy", "pairwise_accuracy"),
+          "loss/sft": (SFT_CURVES, "loss/sft", "loss"), "loss/dpo": (DPO_CURVES, "dpo/accuracy", "preference_accuracy")}  # fmt: skip
+STEP_KEYS = tuple(PANELS)  # a metrics row holding one of these is a training step
 SWEEP_COLUMNS = ("reward/mean", "accuracy", "kl", "response_len/mean")
 SHORT_NAMES = {"reward/mean": "reward", "accuracy": "acc", "response_len/mean": "len", "eval before": "before",
                "eval after": "after"}  # fmt: skip
@@ -51,17 +58,14 @@ def plot_run(run_dir: Path) -> Path:
     rows = read_metrics(run_dir)
     if not rows:
         raise RlctlError(f"report: {run_dir}/metrics.jsonl holds no training steps yet")
-    reward_model = "loss/rm" in rows[0]
-    curves, accuracy_key, held_out_key = (
-        (RM_CURVES, "rm/accuracy", "pairwise_accuracy") if reward_model else (CURVES, "accuracy", "accuracy")
-    )
+    curves, accuracy_key, held_out_key = next(PANELS[key] for key in STEP_KEYS if key in rows[0])
     evals = [(r["step"], r[f"eval/{held_out_key}"]) for r in rows if f"eval/{held_out_key}" in r]
     eval_file = Path(run_dir) / "eval.json"
     if eval_file.exists():
         both = json.loads(eval_file.read_text())
-        if both.get("before"):
+        if (both.get("before") or {}).get(held_out_key) is not None:
             evals.insert(0, (0, both["before"][held_out_key]))
-        if both.get("after"):
+        if (both.get("after") or {}).get(held_out_key) is not None:
             evals.append((rows[-1]["step"], both["after"][held_out_key]))
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (key, title) in zip(axes.flat, curves):
@@ -69,7 +73,7 @@ def plot_run(run_dir: Path) -> Path:
         if points:
             ax.plot(*zip(*points), marker=".", label="training batch")
         if key == accuracy_key and evals:
-            ax.plot(*zip(*sorted(set(evals))), marker="o", label="held-out (greedy)")
+            ax.plot(*zip(*sorted(set(evals))), marker="o", label="held-out")
             ax.legend()
         if not points and key == "kl":
             ax.text(0.5, 0.5, "no reference model (β = 0)", ha="center", va="center", transform=ax.transAxes)
@@ -149,6 +153,35 @@ def rm_model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
     lines += ["", "## Use", "", "```", "rlctl train reward=model reward.model_path=THIS_FOLDER", "```", "",
               "or `AutoModelForSequenceClassification.from_pretrained(THIS_FOLDER)`.", "",
               "## Reproduce", "", "```", command, "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+STAGE_TITLES = {"sft": ("supervised fine-tuning", "examples_per_step", "demonstrations", ("loss", "accuracy")),
+                "dpo": ("DPO", "pairs_per_step", "pairs", ("preference_accuracy", "reward_margin", "accuracy"))}  # fmt: skip
+
+
+def stage_model_card(stage: str, run_dir: Path, config: dict[str, Any], command: str) -> str:
+    """README.md of a model from ``rlctl sft`` or ``rlctl dpo``: base model, data, held-out results, use."""
+    title, per_step_key, unit, keys = STAGE_TITLES[stage]
+    eval_file = Path(run_dir) / "eval.json"
+    evaluation = json.loads(eval_file.read_text()) if eval_file.exists() else {}
+    rows = read_metrics(run_dir)
+    data = config["data"]
+    lines = [
+        "---", "library_name: transformers", f"tags: [rlctl, {stage}]", f"base_model: {config['model']['path']}", "---", "",
+        f"# {config['model']['name']} after {title} by rlctl", "",
+        f"- base model: `{config['model']['path']}`",
+        f"- data: `{data['source']}`" + (f" from `{data['path']}`" if data.get("path") else ""),
+        f"- steps: {rows[-1]['step'] if rows else 0} × {config[per_step_key]} {unit}",
+        "", "## Results", "",
+    ]  # fmt: skip
+    before, after = evaluation.get("before") or {}, evaluation.get("after") or {}
+    shown = [k for k in keys if k in before and k in after]
+    if shown:
+        lines += ["| held-out | before | after |", "|---|---|---|"]
+        lines += [f"| {key} | {before[key]:.3f} | {after[key]:.3f} |" for key in shown]
+    lines += ["", "## Use", "", "```", "rlctl train model.path=THIS_FOLDER", "rlctl eval model.path=THIS_FOLDER", "```",
+              "", "## Reproduce", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
 from rlctl.data.preferences import PreferenceSpec, encode_pairs, load_pairs, pair_from_row
 from rlctl.errors import RlctlError
-from rlctl.rm import bradley_terry_loss, build_rm, rm_step
+from rlctl.algos.preference import bradley_terry_loss
+from rlctl.offline import offline_step
+from rlctl.rm import build_rm
 
 
 def test_bradley_terry_loss_and_gradient_by_hand():
@@ -52,7 +54,7 @@ def one_step_gradient(tmp_path, *overrides):
         return step()
 
     run.engine.step = record_then_step
-    metrics = rm_step(run)
+    metrics = offline_step(run)
     run.logger.close()
     return grads, metrics
 

@@ -46,6 +46,7 @@ class SourceSpec:
     digits: int = 1
     num_operands: int = 2
     operators: str = "+"
+    instruction: str = "Answer with just the number."
 
 
 SOURCES: dict[str, Callable[[SourceSpec], tuple[list[Example], list[Example]]]] = {}
@@ -129,7 +130,7 @@ def arithmetic(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
                 problems.append((expression, value))
     train, held_out = [], []
     for expression, value in problems:
-        example = Example(f"What is {expression}? {ARITHMETIC_INSTRUCTION}", str(value), f"arithmetic:{expression}")
+        example = Example(f"What is {expression}? {spec.instruction}", str(value), f"arithmetic:{expression}")
         (held_out if _is_held_out(expression, spec.eval_fraction, spec.seed) else train).append(example)
     return train, held_out
 

@@ -55,3 +55,60 @@ def score_in_chunks(fn, model, batch, chunk_size: int, autocast) -> torch.Tensor
             with autocast():
                 out.append(fn(model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length))
     return torch.cat(out)
+
+
+def pad_rows(ids: list[list[int]], masks: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded rows -> (input_ids, attention_mask, position_ids, loss_mask), each [B, longest]."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(ids), width), dtype=torch.float32)
+    for i, (row, mask) in enumerate(zip(ids, masks)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        loss_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.float32)
+    positions = torch.arange(width).expand(len(ids), width)
+    return input_ids, attention, positions, loss_mask
+
+
+def pack_rows(ids: list[list[int]], masks: list[list[int]], max_tokens: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Sequences concatenated into rows of at most ``max_tokens`` (first fit, in order), each
+    sequence's positions starting at 0 again: (input_ids, None, position_ids, loss_mask) [R, width].
+    With no attention mask, transformers reads the restarting positions as separate sequences and
+    keeps attention inside each one, so a packed row computes what the sequences would alone."""
+    rows: list[list[int]] = []
+    for index, row in enumerate(ids):
+        for packed in rows:
+            if sum(len(ids[i]) for i in packed) + len(row) <= max_tokens:
+                packed.append(index)
+                break
+        else:
+            rows.append([index])
+    width = max(sum(len(ids[i]) for i in packed) for packed in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for r, packed in enumerate(rows):
+        start = 0
+        for i in packed:
+            n = len(ids[i])
+            input_ids[r, start : start + n] = torch.tensor(ids[i])
+            positions[r, start : start + n] = torch.arange(n)
+            loss_mask[r, start : start + n] = torch.tensor(masks[i], dtype=torch.float32)
+            start += n
+        positions[r, start:] = torch.arange(width - start)  # the padding: one more sequence, never trained
+    return input_ids, None, positions, loss_mask
+
+
+def target_logprobs(model, input_ids, attention_mask, position_ids, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(x_{t+1} | x_≤t) of every token after the first, and which of them the loss covers.
+
+    input_ids, position_ids, loss_mask: [B, L]; attention_mask [B, L] or None (packed rows)
+    -> (logp [B, L−1], mask [B, L−1]): position t scores token t+1; mask[t] = loss_mask[t+1].
+    log π is logit − logsumexp(logits), so no [B, L, V] log-softmax is kept beside the logits.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp, loss_mask[:, 1:]

@@ -1,0 +1,68 @@
+"""Losses on preference pairs: the reward model's Bradley-Terry loss and DPO's family.
+
+Each returns the SUM over the pairs given; the caller divides by the number of pairs of the whole
+batch over all ranks, so micro-batches and ranks add up to the batch mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rlctl.algos.registry import Registry
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """Σ_i −log σ(r_c,i − r_r,i − m_i). chosen, rejected, margins: [B] -> scalar."""
+    return -F.logsigmoid(chosen - rejected - margins).sum()
+
+
+def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's implicit reward of a reply, β·(log π(y|x) − log π_ref(y|x)). [B] -> [B]."""
+    return beta * (logp - ref_logp)
+
+
+DpoLoss = Callable[[torch.Tensor, float, float], torch.Tensor]
+DPO_LOSSES: Registry[DpoLoss] = Registry("preference loss")
+
+
+@DPO_LOSSES.register("sigmoid")
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023), with conservative label smoothing ε (Mitchell 2023):
+
+        L = Σ_i −(1 − ε)·log σ(β·h_i) − ε·log σ(−β·h_i)
+
+    h [B] = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r)), sequence log-probs.
+    ε = 0 is plain DPO: the preference label is trusted; ε > 0 treats it as flipped with that chance.
+    """
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)).sum()
+
+
+@DPO_LOSSES.register("ipo")
+def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023): L = Σ_i (h_i − 1/(2β))². It regresses the log-ratio gap to a fixed
+    target instead of pushing it to infinity, so it does not overfit deterministic preferences.
+    β plays τ's role; label smoothing has no meaning here (it must be 0)."""
+    return ((h - 1 / (2 * beta)) ** 2).sum()
+
+
+def dpo_loss(
+    logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The preference loss of B pairs (a sum over them) and the stats DPO runs are read by.
+
+    logp_*, ref_*: [B] sequence log-probs Σ_t log π(y_t | x, y_<t) over each reply's tokens, of the
+    policy and of the reference. Stats (means over the B pairs): the implicit rewards of the chosen
+    and the rejected reply, their margin, and how often the chosen one's is higher.
+    """
+    h = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
+    loss = DPO_LOSSES.get(loss_type)(h, beta, label_smoothing)
+    with torch.no_grad():
+        chosen = implicit_rewards(logp_chosen, ref_chosen, beta)
+        rejected = implicit_rewards(logp_rejected, ref_rejected, beta)
+        stats = {"dpo/reward_chosen": chosen.mean(), "dpo/reward_rejected": rejected.mean(),
+                 "dpo/reward_margin": (chosen - rejected).mean(), "dpo/accuracy": (chosen > rejected).float().mean()}  # fmt: skip
+    return loss, stats
