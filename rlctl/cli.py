@@ -149,7 +149,9 @@ def _offline_stages() -> dict:
 
 # What `rlctl eval` / `rlctl generate` take from a run folder (or a recipe): how the run asked its
 # questions (data and prompt format), how it judged them (reward) and how it sampled (rollout).
-SETTINGS_FROM_RUN = {"eval": ("data", "reward", "rollout"), "generate": ("data", "rollout")}
+# `rlctl train` from an `rlctl sft` model takes the task format that model was taught the same way.
+SETTINGS_FROM_RUN = {"eval": ("data", "reward", "rollout"), "generate": ("data", "rollout"),
+                     "train": ("data", "reward", "rollout")}  # fmt: skip
 
 
 def run_folder_of(model_path: str) -> Path | None:
@@ -185,10 +187,28 @@ def with_settings_from(cfg, command: str, base, source: str):
     return cfg
 
 
+def sft_task_settings(sft_config) -> dict:
+    """What `rlctl train` takes from an SFT run: its prompts (the `data` keys train knows), the
+    rules that judged it (`reward`), and room for the answers it was taught to write."""
+    import dataclasses
+
+    from rlctl.config import DataConfig
+
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    return {"data": {k: v for k, v in sft_config["data"].items() if k in known}, "reward": sft_config["reward"],
+            "rollout": {"max_new_tokens": sft_config["eval"]["max_new_tokens"]}}  # fmt: skip
+
+
 def _with_run_settings(cfg, command: str, recipe_base):
     from omegaconf import OmegaConf
 
     run = run_folder_of(cfg.model.path)
+    if command == "train":
+        base = OmegaConf.load(run / "config.yaml") if run is not None else None
+        if base is None or "examples_per_step" not in base:  # only an SFT model was taught a format
+            return cfg
+        return with_settings_from(cfg, command, OmegaConf.create(sft_task_settings(base)),
+                                  f"the SFT run {run}/config.yaml")  # fmt: skip
     if run is not None:
         return with_settings_from(cfg, command, OmegaConf.load(run / "config.yaml"), f"{run}/config.yaml")
     if recipe_base is not None:
@@ -421,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         _refuse_a_launch_that_started_too_few_processes()
         rest = _one_run_folder_for_all_ranks(rest, "${algo.name}" if command == "train" else command)
     recipe_base = None
-    if command in SETTINGS_FROM_RUN:
+    if command in ("eval", "generate"):  # recipe=NAME is a training experiment: they take its settings
         recipe_base, rest = _recipe_for(command, rest)
     sys.argv = [f"rlctl {command}", *rest]  # Hydra parses sys.argv
     _hydra_app(command, recipe_base)()
