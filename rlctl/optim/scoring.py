@@ -101,14 +101,21 @@ def pack_rows(ids: list[list[int]], masks: list[list[int]], max_tokens: int, pad
 
 
 def target_logprobs(model, input_ids, attention_mask, position_ids, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(x_{t+1} | x_≤t) of every token after the first, and which of them the loss covers.
+    """log π(x_{t+1} | x_≤t) of the tokens from the first one the loss covers, and which of them it covers.
 
     input_ids, position_ids, loss_mask: [B, L]; attention_mask [B, L] or None (packed rows)
-    -> (logp [B, L−1], mask [B, L−1]): position t scores token t+1; mask[t] = loss_mask[t+1].
-    log π is logit − logsumexp(logits), so no [B, L, V] log-softmax is kept beside the logits.
+    -> (logp [B, K], mask [B, K]) over the last K target tokens, K = L − (first covered position):
+    logp[:, k] scores token L − K + k from the position before it, mask[:, k] = loss_mask there.
+    Positions before the first covered token (prompts) never go through the LM head, and
+    log π is logit − logsumexp(logits), so no [B, K, V] log-softmax is kept beside the logits.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    covered = loss_mask.sum(dim=0).nonzero()
+    first = int(covered[0]) if len(covered) else input_ids.shape[1] - 1
+    first = max(first, 1)  # the first token of a row has no position before it to score it from
+    keep = input_ids.shape[1] - first
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=keep + 1, use_cache=False)  # fmt: skip
     logits = out.logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, first:]
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logp, loss_mask[:, 1:]
+    return logp, loss_mask[:, first:]
