@@ -13,7 +13,7 @@ uses the same ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,14 @@ from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import Example, SourceSpec, arithmetic
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
 from rlctl.errors import RlctlError, check_fields
-from rlctl.offline import OfflineRun, OfflineSettings, make_engine, make_loggers, open_run_folder, read_engine_settings
+from rlctl.offline import (
+    OfflineRun,
+    OfflineSettings,
+    load_policy,
+    open_run_folder,
+    read_engine_settings,
+    start_training,
+)
 from rlctl.optim.scoring import pad_rows, target_logprobs
 from rlctl.sft import SFTEvalSpec, task_evaluator
 
@@ -222,12 +229,7 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
     if len(train) == 0:
         raise RlctlError(f"data: every training pair has a side longer than data.max_tokens={data.max_tokens}")
     steps = settings.total_steps(len(train), ranks.world_size)
-    model = models.load_causal_lm(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer,
-                                  cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed)  # fmt: skip
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    engine = make_engine(model, optim, zero, cfg.engine.precision, ranks, steps)
-    logger = make_loggers(cfg, run_dir, steps, ranks)
+    engine, logger = start_training(cfg, load_policy(cfg, tokenizer, resume_from), optim, zero, ranks, steps, run_dir)
     reference_file = run_dir / REFERENCE_FILE
     if resume_from is not None:
         reference = torch.load(reference_file, weights_only=True)

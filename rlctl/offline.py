@@ -234,6 +234,22 @@ def open_run_folder(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> tuple[Path 
     return resume_from, config
 
 
+def start_training(cfg: DictConfig, model, optim: OptimSpec, zero: ZeroSpec, ranks: Ranks, steps: int, run_dir: Path):
+    """(engine, loggers) of an offline stage's model: gradient checkpointing if asked, the engine of
+    ``steps`` updates, and the run folder's sinks."""
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return make_engine(model, optim, zero, cfg.engine.precision, ranks, steps), make_loggers(cfg, run_dir, steps, ranks)
+
+
+def load_policy(cfg: DictConfig, tokenizer, resume_from: Path | None):
+    """The causal LM an offline stage trains: the checkpoint's when resuming, else ``model.path``'s."""
+    from rlctl import models
+
+    return models.load_causal_lm(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer,
+                                 cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed)  # fmt: skip
+
+
 def make_engine(model, optim: OptimSpec, zero: ZeroSpec, precision: str, ranks: Ranks, steps: int):
     spec = replace(optim, total_updates=steps)
     if zero.enabled:

@@ -27,7 +27,7 @@ from rlctl.data import PromptSampler
 from rlctl.data.preferences import EncodedPairs, PreferenceSpec, encode_pairs, load_pairs
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
-from rlctl.offline import OfflineRun, OfflineSettings, make_engine, make_loggers, open_run_folder, read_engine_settings
+from rlctl.offline import OfflineRun, OfflineSettings, open_run_folder, read_engine_settings, start_training
 from rlctl.rewards.model import right_pad, sequence_scores
 
 
@@ -185,10 +185,7 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     steps = settings.total_steps(len(train), ranks.world_size)
     model = load_rm_model(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer, cfg.model.dtype,
                           cfg.model.trust_remote_code, cfg.engine.seed)  # fmt: skip
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    engine = make_engine(model, optim, zero, cfg.engine.precision, ranks, steps)
-    logger = make_loggers(cfg, run_dir, steps, ranks)
+    engine, logger = start_training(cfg, model, optim, zero, ranks, steps, run_dir)
     for name, pairs in (("training", train), ("held-out", held_out)):
         if pairs.skipped:
             logger.message(f"[yellow]data: {pairs.skipped} {name} pairs skipped (a side longer than "

@@ -33,7 +33,14 @@ from rlctl.data.sources import Example, SourceSpec
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator
-from rlctl.offline import OfflineRun, OfflineSettings, make_engine, make_loggers, open_run_folder, read_engine_settings
+from rlctl.offline import (
+    OfflineRun,
+    OfflineSettings,
+    load_policy,
+    open_run_folder,
+    read_engine_settings,
+    start_training,
+)
 from rlctl.optim.scoring import pack_rows, pad_rows, target_logprobs
 from rlctl.rollout import HFRollout, SamplingParams
 
@@ -171,12 +178,7 @@ def build_sft(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
     if len(train) == 0:
         raise RlctlError(f"data: every demonstration is longer than data.max_tokens={demo.max_tokens}")
     steps = settings.total_steps(len(train), ranks.world_size)
-    model = models.load_causal_lm(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer,
-                                  cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed)  # fmt: skip
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    engine = make_engine(model, optim, zero, cfg.engine.precision, ranks, steps)
-    logger = make_loggers(cfg, run_dir, steps, ranks)
+    engine, logger = start_training(cfg, load_policy(cfg, tokenizer, resume_from), optim, zero, ranks, steps, run_dir)
     for name, part in (("training", train), ("held-out", held_out)):
         if part.skipped:
             logger.message(f"[yellow]data: {part.skipped} {name} demonstrations skipped (longer than "

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from stage_helpers import gradient_of_update
 from test_cli import rlctl
 
 from rlctl.algos.preference import dpo_loss
@@ -85,19 +86,8 @@ def test_the_reference_is_the_initial_policy_scored_once(tmp_path):
 
 
 def one_step_gradient(tmp_path, *overrides):
-    run = build_dpo(compose_dpo(*overrides), tmp_path, "")
-    grads, step = {}, run.engine.step
-
-    def record_then_step():
-        grads.update({n: p.grad.detach().clone() for n, p in run.engine.unwrapped().named_parameters()})
-        return step()
-
-    run.engine.step = record_then_step
-    offline_step(run)  # moves the policy off the reference, so the second step's gradient depends on h
-    grads.clear()
-    metrics = offline_step(run)
-    run.logger.close()
-    return grads, metrics
+    """The gradient of the first update off the reference (π ≠ π_ref, so it depends on h), and its metrics."""
+    return gradient_of_update(build_dpo(compose_dpo(*overrides), tmp_path, ""), updates_before=1)
 
 
 def test_micro_batches_give_the_update_of_the_whole_batch(tmp_path):

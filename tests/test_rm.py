@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from stage_helpers import gradient_of_update
 from test_cli import rlctl
 
+from rlctl.algos.preference import bradley_terry_loss
 from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
 from rlctl.data.preferences import PreferenceSpec, encode_pairs, load_pairs, pair_from_row
 from rlctl.errors import RlctlError
-from rlctl.algos.preference import bradley_terry_loss
-from rlctl.offline import offline_step
 from rlctl.rm import build_rm
 
 
@@ -46,17 +46,7 @@ def compose_rm(*overrides):
 
 def one_step_gradient(tmp_path, *overrides):
     """The gradient the first step's update applies, and the step's metrics."""
-    run = build_rm(compose_rm("engine.precision=no", "eval.enabled=false", *overrides), tmp_path, "")
-    grads, step = {}, run.engine.step
-
-    def record_then_step():
-        grads.update({n: p.grad.detach().clone() for n, p in run.engine.unwrapped().named_parameters()})
-        return step()
-
-    run.engine.step = record_then_step
-    metrics = offline_step(run)
-    run.logger.close()
-    return grads, metrics
+    return gradient_of_update(build_rm(compose_rm("engine.precision=no", "eval.enabled=false", *overrides), tmp_path, ""))
 
 
 def test_micro_batches_give_the_update_of_the_whole_batch(tmp_path):

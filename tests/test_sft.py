@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from stage_helpers import gradient_of_update
 from test_cli import rlctl
 
 from rlctl.cli import CONF_DIR
@@ -15,7 +16,6 @@ from rlctl.data.demonstrations import DemonstrationSpec, demonstration_from_row,
 from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import SourceSpec
 from rlctl.errors import RlctlError
-from rlctl.offline import offline_step
 from rlctl.sft import TokenBatch, build_sft, sequence_nll
 
 TWO_TURNS = [
@@ -125,17 +125,8 @@ def compose_sft(*overrides):
 
 
 def one_step_gradient(tmp_path, *overrides):
-    run = build_sft(compose_sft(*overrides), tmp_path, "")
-    grads, step = {}, run.engine.step
-
-    def record_then_step():
-        grads.update({n: p.grad.detach().clone() for n, p in run.engine.unwrapped().named_parameters()})
-        return step()
-
-    run.engine.step = record_then_step
-    metrics = offline_step(run)
-    run.logger.close()
-    return grads, metrics
+    """The gradient the first step's update applies, and the step's metrics."""
+    return gradient_of_update(build_sft(compose_sft(*overrides), tmp_path, ""))
 
 
 def test_micro_batches_and_packing_give_the_update_of_the_whole_batch(tmp_path):
