@@ -26,6 +26,7 @@ from rlctl.distributed import Ranks, init_process_group, launched_ranks
 from rlctl.errors import RlctlError, check_fields
 from rlctl.evaluate import EvalSpec, Evaluator
 from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, WandbSink
+from rlctl.lora import AdapterDisabled, LoraSpec, add_adapter, load_adapter
 from rlctl.optim.engine import (
     PRECISIONS,
     DeepSpeedEngine,
@@ -87,6 +88,7 @@ class TrainSettings:
     checkpoints: CheckpointPolicy
     layout: BatchLayout
     ranks: Ranks
+    lora: LoraSpec
 
 
 def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSettings:
@@ -128,6 +130,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         zero=zero, sampling=sampling, vllm=vllm, correction=correction, source=source, prompt_format=prompt_format,
         eval=fill("eval", cfg.eval, EvalSpec), log=fill("logger", cfg.logger, LogSpec),
         checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy), layout=layout, ranks=ranks,
+        lora=fill("model.lora", cfg.model.lora, LoraSpec),
     )  # fmt: skip
 
 
@@ -267,12 +270,22 @@ def build_inference(cfg: DictConfig):
     return policy, tokenizer, rollout
 
 
-def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None):
-    """The policy (from ``weights_from`` when resuming, else model.path) and its tokenizer."""
+def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None, lora: LoraSpec | None = None):
+    """The policy (from ``weights_from`` when resuming, else model.path) and its tokenizer. With
+    LoRA, the base model always comes from model.path and ``weights_from`` holds the adapter."""
     m = cfg.model
     tokenizer = models.load_tokenizer(m.path, m.trust_remote_code)
-    model = models.load_causal_lm(weights_from or m.path, tokenizer, m.dtype, m.trust_remote_code, seed=cfg.engine.seed)
+    adapted = lora is not None and lora.enabled
+    model = models.load_causal_lm(m.path if adapted else weights_from or m.path, tokenizer, m.dtype,
+                                  m.trust_remote_code, seed=cfg.engine.seed)  # fmt: skip
     return model, tokenizer
+
+
+def with_adapter(model, lora: LoraSpec, weights_from: str | None):
+    """The policy as it trains: ``model`` itself, or ``model`` with a LoRA adapter (new, or the checkpoint's)."""
+    if not lora.enabled:
+        return model
+    return load_adapter(model, Path(weights_from)) if weights_from else add_adapter(model, lora)
 
 
 # Settings a resumed run may change; every other key defines the run and must stay as it was.
@@ -364,12 +377,14 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         if ranks.is_main:
             drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
     examples = load_examples(settings.source.source, settings.source)  # data errors come before any model loads
-    model, tokenizer = load_model_and_tokenizer(cfg, str(resume_from / "policy") if resume_from else None)
-    rollout_folder = (  # before ZeRO-3 partitions the weights
-        rollout_model_folder(str(resume_from / "policy") if resume_from else cfg.model.path, model)
+    policy_from = str(resume_from / "policy") if resume_from else None
+    model, tokenizer = load_model_and_tokenizer(cfg, policy_from, settings.lora)
+    rollout_folder = (  # before ZeRO-3 partitions the weights; an adapter's merged weights come at the first sync
+        rollout_model_folder(policy_from if policy_from and not settings.lora.enabled else cfg.model.path, model)
         if settings.sampling.backend == "vllm"
         else None
     )
+    model = with_adapter(model, settings.lora, policy_from)
     train_prompts, held_out = (encode_prompts(part, settings.prompt_format, tokenizer) for part in examples)
     if len(train_prompts) == 0:
         raise RlctlError(
@@ -407,7 +422,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         critic = make_engine(critic_model, replace(settings.optim, lr=c.lr, max_grad_norm=c.max_grad_norm))
     rewards = build_rewards(cfg, zero if zero.enabled else None, policy.autocast)
     reference = None
-    if algo.needs_reference:
+    if algo.needs_reference and settings.lora.enabled:  # the base weights, without a second copy
+        reference = AdapterDisabled(policy.unwrapped())
+    elif algo.needs_reference:
         reference = models.load_causal_lm(
             cfg.model.path, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed
         )

@@ -61,12 +61,22 @@ class CriticConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # LoRA rank; 0 = off (every weight trains)
+    alpha: float = 32.0  # the adapter's output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    # linear layers that get an adapter, by name or suffix; all-linear = every attention and MLP projection (not the LM head)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # label used in run names and the model card
     path: str = "embedded:smollm2-135m"  # hub id, local folder, embedded:NAME or random:tiny
     dtype: str = "float32"  # weight dtype: float32 | bfloat16 (mixed precision is engine.precision)
     trust_remote_code: bool = False  # run model code shipped with the checkpoint; only for sources you trust
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters on frozen weights (r > 0); the reference is the base
 
 
 @dataclass
@@ -341,6 +351,7 @@ class DPOConfig:
     beta: float = 0.1  # β: strength of the pull towards the reference (sigmoid: reward scale; ipo: τ)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # sigmoid: chance a preference label is flipped (conservative DPO); 0 = plain DPO
+    nll_coef: float = 0.0  # α: weight of the chosen replies' length-normalised NLL added to the loss (RPO); 0 = none
     save_final: bool = True  # write checkpoints/final (a causal LM)
 
 

@@ -39,6 +39,7 @@ from rlctl.offline import (
     start_training,
 )
 from rlctl.optim.scoring import pad_rows, target_logprobs
+from rlctl.rewards.rules import Term, WeightedRewards
 from rlctl.sft import SFTEvalSpec, task_evaluator
 
 REFERENCE_FILE = "reference_logprobs.pt"  # in the run folder: log π_ref of every pair's two replies
@@ -49,13 +50,15 @@ class DPOSpec:
     beta: float
     loss_type: str
     label_smoothing: float
+    nll_coef: float
 
     def __post_init__(self) -> None:
         checks = (("beta", self.beta > 0, "must be > 0"),
                   ("loss_type", self.loss_type in DPO_LOSSES, f"must be one of {DPO_LOSSES.names()}"),
                   ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
                   ("label_smoothing", self.loss_type == "sigmoid" or self.label_smoothing == 0,
-                   "applies to loss_type=sigmoid only; leave it at 0 for ipo"))  # fmt: skip
+                   "applies to loss_type=sigmoid only; leave it at 0 for ipo"),
+                  ("nll_coef", self.nll_coef >= 0, "must be >= 0"))  # fmt: skip
         check_fields(self, checks)
 
 
@@ -110,14 +113,17 @@ class PairRows:
                         self.ref_chosen[index], self.ref_rejected[index])  # fmt: skip
 
 
-def reply_logprobs(model, sides: list[tuple[list[int], list[int]]], pad_id: int, autocast) -> torch.Tensor:
-    """log π(y|x) = Σ_t over the reply's tokens of log π(y_t | x, y_<t), one forward pass. -> [B]."""
+def reply_logprobs(
+    model, sides: list[tuple[list[int], list[int]]], pad_id: int, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y|x) = Σ_t over the reply's tokens of log π(y_t | x, y_<t), one forward pass, and the
+    reply's token count. -> ([B], [B])."""
     input_ids, attention, positions, loss_mask = pad_rows([s[0] for s in sides], [s[1] for s in sides], pad_id)
     device = next(model.parameters()).device
     with autocast():
         logp, mask = target_logprobs(model, input_ids.to(device), attention.to(device), positions.to(device),
                                      loss_mask.to(device))  # fmt: skip
-    return (logp * mask).sum(dim=1).cpu()
+    return (logp * mask).sum(dim=1).cpu(), mask.sum(dim=1).cpu()
 
 
 @torch.no_grad()
@@ -126,7 +132,7 @@ def reference_logprobs(model, replies: EncodedReplies, pad_id: int, batch_size: 
     chosen, rejected = [], []
     for start in range(0, len(replies), batch_size):
         rows = slice(start, start + batch_size)
-        both = reply_logprobs(model, replies.chosen[rows] + replies.rejected[rows], pad_id, autocast)
+        both, _ = reply_logprobs(model, replies.chosen[rows] + replies.rejected[rows], pad_id, autocast)
         n = len(replies.chosen[rows])
         chosen.append(both[:n])
         rejected.append(both[n:])
@@ -151,7 +157,8 @@ class PreferenceObjective:
     def describe(self) -> str:
         return (f"dpo: {self.model_name}, {len(self.train)} training pairs, {len(self.held_out)} held-out; "
                 f"loss {self.spec.loss_type}, β {self.spec.beta:g}"
-                + (f", label smoothing {self.spec.label_smoothing:g}" if self.spec.label_smoothing else ""))  # fmt: skip
+                + (f", label smoothing {self.spec.label_smoothing:g}" if self.spec.label_smoothing else "")
+                + (f", chosen NLL × {self.spec.nll_coef:g}" if self.spec.nll_coef else ""))  # fmt: skip
 
     def batch(self, index: list[int]) -> PairRows:
         picked = torch.tensor(index, dtype=torch.long)
@@ -162,10 +169,11 @@ class PreferenceObjective:
         (total_pairs,) = sum_over_ranks([float(batch.size)])
 
         def loss_fn(micro: PairRows):
-            both = reply_logprobs(engine.model, micro.chosen + micro.rejected, self.pad_id, self.autocast)
+            both, tokens = reply_logprobs(engine.model, micro.chosen + micro.rejected, self.pad_id, self.autocast)
             chosen, rejected = both[: micro.size], both[micro.size :]
             loss, stats = dpo_loss(chosen, rejected, micro.ref_chosen, micro.ref_rejected, self.spec.beta,
-                                   self.spec.loss_type, self.spec.label_smoothing)  # fmt: skip
+                                   self.spec.loss_type, self.spec.label_smoothing, self.spec.nll_coef,
+                                   tokens[: micro.size])  # fmt: skip
             loss = loss / total_pairs  # this micro-batch's share of the step's mean
             return loss, {"loss/dpo": loss.detach(), **stats, "dpo/logp_chosen": chosen.detach().mean(),
                           "dpo/logp_rejected": rejected.detach().mean()}  # fmt: skip
@@ -192,14 +200,19 @@ class PreferenceObjective:
         return results, line
 
 
+@dataclass(frozen=True)
+class DPOEvalSpec(SFTEvalSpec):
+    task_accuracy: bool  # built-in pairs: also greedy accuracy on the held-out problems
+
+
 def read_dpo_settings(cfg: DictConfig, ranks: Ranks):
     """Every value of the ``dpo`` config checked, one-line errors naming the key; nothing loaded."""
-    eval_spec = SFTEvalSpec(enabled=cfg.eval.enabled, every=cfg.eval.every, batch_size=cfg.eval.batch_size,
-                            max_new_tokens=cfg.eval.max_new_tokens)  # fmt: skip
+    eval_spec = fill("eval", cfg.eval, DPOEvalSpec)
     settings = OfflineSettings(per_step=cfg.pairs_per_step, epochs=cfg.epochs, steps=cfg.steps,
                                eval_enabled=eval_spec.enabled, eval_every=eval_spec.every)  # fmt: skip
     try:
-        spec = DPOSpec(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+        spec = DPOSpec(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                       nll_coef=cfg.nll_coef)  # fmt: skip
     except ValueError as err:
         raise RlctlError(str(err)) from None
     optim, zero, micro = read_engine_settings(cfg, "dpo", "pairs_per_step", ranks)
@@ -249,8 +262,9 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
             logger.message(f"[yellow]data: {part.skipped} {name} pairs skipped (a side longer than "
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
     evaluator = None
-    if cfg.eval.task_accuracy and data.source == "arithmetic":
-        evaluator = task_evaluator(_exact_number_config(cfg), _held_out_problems(data),
+    if eval_spec.task_accuracy and data.source == "arithmetic":
+        exact_number = WeightedRewards([Term("exact_number", 1.0, {})])  # how `rlctl train` judges the task
+        evaluator = task_evaluator(exact_number, _held_out_problems(data),
                                    PromptFormat(system_prompt=data.system_prompt), tokenizer, eval_spec,
                                    engine.autocast)  # fmt: skip
     objective = PreferenceObjective(type(engine.unwrapped()).__name__, train, held_out, reference, spec,
@@ -263,11 +277,3 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
         save_final=cfg.save_final, ranks=ranks, resume_from=resume_from, resume_command=resume_command, config=config,
     )  # fmt: skip
 
-
-def _exact_number_config(cfg: DictConfig) -> DictConfig:
-    """The exact-number rule that judges the built-in task, as a ``reward`` group beside ``model``."""
-    from omegaconf import OmegaConf
-
-    from rlctl.config import RewardConfig
-
-    return OmegaConf.create({"reward": OmegaConf.structured(RewardConfig), "model": cfg.model})

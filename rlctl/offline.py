@@ -32,6 +32,7 @@ from rlctl.data import PromptSampler
 from rlctl.distributed import Ranks, init_process_group, mean_over_ranks
 from rlctl.errors import RlctlError, check_fields
 from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, Timer, WandbSink
+from rlctl.lora import LoraSpec
 from rlctl.optim.engine import DeepSpeedEngine, Engine, OptimSpec, ZeroSpec, make_accelerator
 from rlctl.optim.update import LossFn, update
 
@@ -207,6 +208,7 @@ def read_engine_settings(
             "(it needs a fixed number of equal micro-batches per update)"
         )
     check_precision(cfg.engine.precision)
+    read_lora(cfg)
     zero = fill("deepspeed", cfg.deepspeed, ZeroSpec, precision=cfg.engine.precision, world_size=ranks.world_size,
                 micro_batch_size=micro, accumulation_steps=math.ceil(per_step / micro))  # fmt: skip
     if ranks.world_size > 1 and not zero.enabled:
@@ -243,11 +245,20 @@ def start_training(cfg: DictConfig, model, optim: OptimSpec, zero: ZeroSpec, ran
 
 
 def load_policy(cfg: DictConfig, tokenizer, resume_from: Path | None):
-    """The causal LM an offline stage trains: the checkpoint's when resuming, else ``model.path``'s."""
+    """The causal LM an offline stage trains: the checkpoint's when resuming, else ``model.path``'s;
+    with LoRA, ``model.path``'s weights and an adapter (new, or the checkpoint's)."""
     from rlctl import models
+    from rlctl.build import with_adapter
 
-    return models.load_causal_lm(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer,
-                                 cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed)  # fmt: skip
+    lora = read_lora(cfg)
+    weights_from = str(resume_from / "model") if resume_from else None
+    model = models.load_causal_lm(weights_from if weights_from and not lora.enabled else cfg.model.path, tokenizer,
+                                  cfg.model.dtype, cfg.model.trust_remote_code, seed=cfg.engine.seed)  # fmt: skip
+    return with_adapter(model, lora, weights_from)
+
+
+def read_lora(cfg: DictConfig) -> LoraSpec:
+    return fill("model.lora", cfg.model.lora, LoraSpec)
 
 
 def make_engine(model, optim: OptimSpec, zero: ZeroSpec, precision: str, ranks: Ranks, steps: int):

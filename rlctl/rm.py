@@ -27,7 +27,14 @@ from rlctl.data import PromptSampler
 from rlctl.data.preferences import EncodedPairs, PreferenceSpec, encode_pairs, load_pairs
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
-from rlctl.offline import OfflineRun, OfflineSettings, open_run_folder, read_engine_settings, start_training
+from rlctl.offline import (
+    OfflineRun,
+    OfflineSettings,
+    open_run_folder,
+    read_engine_settings,
+    read_lora,
+    start_training,
+)
 from rlctl.rewards.model import right_pad, sequence_scores
 
 
@@ -159,10 +166,15 @@ def read_rm_settings(cfg: DictConfig, ranks: Ranks):
     settings = OfflineSettings(per_step=cfg.pairs_per_step, epochs=cfg.epochs, steps=cfg.steps,
                                eval_enabled=cfg.eval.enabled, eval_every=cfg.eval.every)  # fmt: skip
     optim, zero, micro = read_engine_settings(cfg, "rm", "pairs_per_step", ranks)
-    for key, ok, requirement in (("margin", math.isfinite(cfg.margin), "must be a finite number"),
-                                 ("eval.batch_size", cfg.eval.batch_size >= 1, "must be ≥ 1")):  # fmt: skip
-        if not ok:
-            raise RlctlError(f"{key}: {requirement}, got {cfg[key] if '.' not in key else cfg.eval.batch_size!r}")
+    if not math.isfinite(cfg.margin):
+        raise RlctlError(f"margin: must be a finite number, got {cfg.margin}")
+    if cfg.eval.batch_size < 1:
+        raise RlctlError(f"eval.batch_size: must be ≥ 1, got {cfg.eval.batch_size}")
+    if read_lora(cfg).enabled:
+        raise RlctlError(
+            f"model.lora.r: rlctl rm trains the whole reward model, its new score head with it; leave it at 0 "
+            f"(got {cfg.model.lora.r}); LoRA is for rlctl train, sft and dpo"
+        )
     data = fill("data", cfg.data, PreferenceSpec)
     models.check_path(cfg.model.path, "model.path")
     return settings, data, optim, zero, micro

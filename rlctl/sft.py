@@ -138,16 +138,14 @@ class SFTEvalSpec:
                 raise ValueError(f"{key}: must be ≥ 1, got {getattr(self, key)}")
 
 
-def task_evaluator(cfg: DictConfig, examples: list[Example], fmt: PromptFormat, tokenizer, spec: SFTEvalSpec, autocast):
-    """Greedy held-out accuracy by the reward rules (``reward`` group), or None without examples."""
-    from rlctl.build import build_rewards
-
+def task_evaluator(rewards, examples: list[Example], fmt: PromptFormat, tokenizer, spec: SFTEvalSpec, autocast):
+    """Greedy held-out accuracy judged by ``rewards`` (a WeightedRewards), or None without examples."""
     if not examples:
         return None
     prompts = encode_prompts(examples, fmt, tokenizer)
     params = SamplingParams(backend="hf", max_new_tokens=spec.max_new_tokens, temperature=0.0,
                             batch_size=spec.batch_size)  # fmt: skip
-    return Evaluator(prompts, HFRollout(tokenizer, params, autocast), build_rewards(cfg, autocast=autocast), 1, [1])
+    return Evaluator(prompts, HFRollout(tokenizer, params, autocast), rewards, 1, [1])
 
 
 def read_sft_settings(cfg: DictConfig, ranks: Ranks):
@@ -166,7 +164,7 @@ def read_sft_settings(cfg: DictConfig, ranks: Ranks):
 
 def build_sft(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     """Config -> the SFT run: every check, the demonstrations, then the model."""
-    from rlctl.build import seed_everything
+    from rlctl.build import build_rewards, seed_everything
 
     ranks = launched_ranks()
     settings, eval_spec, source, fmt, demo, optim, zero, micro = read_sft_settings(cfg, ranks)
@@ -184,7 +182,8 @@ def build_sft(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
             logger.message(f"[yellow]data: {part.skipped} {name} demonstrations skipped (longer than "
                            f"data.max_tokens={demo.max_tokens})")  # fmt: skip
     examples = [Example(d.prompt, d.answer, d.origin) for d in held_out.demonstrations if d.answer is not None]
-    evaluator = task_evaluator(cfg, examples, replace(fmt, system_prompt=None), tokenizer, eval_spec, engine.autocast)
+    evaluator = task_evaluator(build_rewards(cfg, autocast=engine.autocast), examples, replace(fmt, system_prompt=None),
+                               tokenizer, eval_spec, engine.autocast)  # fmt: skip
     objective = SupervisedObjective(type(engine.unwrapped()).__name__, train, held_out, tokenizer.pad_token_id,
                                     demo.max_tokens if demo.pack else 0, eval_spec.batch_size, engine.autocast,
                                     evaluator)  # fmt: skip

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -24,8 +25,12 @@ def tiny_model(tokenizer):
 
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; each in-process build here starts from a clean one."""
+    """accelerate keeps one process-wide state; each in-process build here starts from a clean one.
+    So does DeepSpeed: its cached process groups go stale when a vLLM engine tears the group down."""
     yield
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_release_process_group_references"):
+        groups._release_process_group_references(None)

@@ -48,21 +48,40 @@ def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tens
     return ((h - 1 / (2 * beta)) ** 2).sum()
 
 
+def chosen_nll(logp_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen replies' length-normalised negative log-likelihood, Σ_i −log π(y_c,i) / |y_c,i|
+    (the NLL term of RPO, Pang et al. 2024). logp_chosen [B] sequence log-probs, chosen_tokens [B]
+    their token counts -> scalar (a sum over pairs, like the preference losses)."""
+    return -(logp_chosen / chosen_tokens.clamp(min=1)).sum()
+
+
 def dpo_loss(
     logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    nll_coef: float = 0.0, chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """The preference loss of B pairs (a sum over them) and the stats DPO runs are read by.
 
     logp_*, ref_*: [B] sequence log-probs Σ_t log π(y_t | x, y_<t) over each reply's tokens, of the
-    policy and of the reference. Stats (means over the B pairs): the implicit rewards of the chosen
-    and the rejected reply, their margin, and how often the chosen one's is higher.
+    policy and of the reference. With ``nll_coef`` α > 0 the loss adds α·chosen_nll (chosen_tokens
+    [B] needed): plain DPO can lower the chosen replies' likelihood as long as the rejected ones
+    fall faster; the NLL term keeps the chosen replies likely. Stats (means over the B pairs): the
+    implicit rewards of the chosen and the rejected reply, their margin, and how often the chosen
+    one's is higher.
     """
     h = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
     loss = DPO_LOSSES.get(loss_type)(h, beta, label_smoothing)
+    nll = None
+    if nll_coef:
+        if chosen_tokens is None:
+            raise ValueError("nll_coef > 0 needs the chosen replies' token counts")
+        nll = chosen_nll(logp_chosen, chosen_tokens)
+        loss = loss + nll_coef * nll
     with torch.no_grad():
         chosen = implicit_rewards(logp_chosen, ref_chosen, beta)
         rejected = implicit_rewards(logp_rejected, ref_rejected, beta)
         stats = {"dpo/reward_chosen": chosen.mean(), "dpo/reward_rejected": rejected.mean(),
                  "dpo/reward_margin": (chosen - rejected).mean(), "dpo/accuracy": (chosen > rejected).float().mean()}  # fmt: skip
+        if nll is not None:
+            stats["dpo/nll_chosen"] = nll / len(logp_chosen)
     return loss, stats

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from rlctl.errors import RlctlError, check_fields
+from rlctl.lora import is_adapted, merged_weights, save_adapted, scaling_of
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,20 @@ class Engine:
         return contextlib.nullcontext()
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The full weights under their checkpoint names, one tensor at a time (a rollout engine's copy)."""
-        yield from self.unwrapped().state_dict().items()
+        """The full weights under their checkpoint names, one tensor at a time (a rollout engine's
+        copy); an adapted model's merged, under the base model's names."""
+        model = self.unwrapped()
+        weights = iter(model.state_dict().items())
+        yield from merged_weights(weights, scaling_of(model)) if is_adapted(model) else weights
 
     def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
-        """The weights as an HF folder (+ tokenizer), and the optimiser/schedule state for resume."""
-        self.unwrapped().save_pretrained(folder, safe_serialization=True)
+        """The weights as an HF folder (+ tokenizer), and the optimiser/schedule state for resume.
+        An adapted model: its adapter alone in step checkpoints; merged + adapter in the final one."""
+        model = self.unwrapped()
+        if is_adapted(model):
+            save_adapted(model, folder, model.state_dict(), whole=not training_state)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if training_state:
@@ -273,6 +282,10 @@ class DeepSpeedEngine:
         rank must call: each module's own parameters are gathered, copied out and released before
         the next module's, so no rank ever holds a full copy of the model at once."""
         module = self.model.module
+        weights = self._gathered_weights(module)
+        yield from merged_weights(weights, scaling_of(module)) if is_adapted(module) else weights
+
+    def _gathered_weights(self, module) -> Iterator[tuple[str, torch.Tensor]]:
         if self.zero.stage != 3:
             yield from module.state_dict().items()
             return
@@ -296,7 +309,9 @@ class DeepSpeedEngine:
         """All ranks call: the HF folder from rank 0 (weights gathered under ZeRO-3), and each rank's
         share of the DeepSpeed optimiser state under ``folder/deepspeed``."""
         state = self.full_state_dict()
-        if self.model.global_rank == 0:
+        if self.model.global_rank == 0 and is_adapted(self.model.module):
+            save_adapted(self.model.module, folder, state, whole=not training_state)
+        elif self.model.global_rank == 0:
             self.model.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)

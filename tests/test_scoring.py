@@ -1,0 +1,117 @@
+"""Scoring tokens under a model: the LM head applied a chunk at a time must give exactly what the
+full-vocabulary log-softmax gives, values and gradients; gradient checkpointing must not change
+gradients either."""
+
+import pytest
+import torch
+
+from rlctl.models import load_causal_lm
+from rlctl.optim.scoring import response_logprobs, target_logprobs
+
+
+def _batch(tokenizer, seed=0):
+    """3 rows of 11 tokens, the first two left-padded (as rollouts are), the last 4 the response."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, tokenizer.vocab_size, (3, 11), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    attention_mask[1, :1] = 0
+    input_ids[attention_mask == 0] = tokenizer.pad_token_id
+    return input_ids, attention_mask
+
+
+def _full_softmax_scores(model, input_ids, attention_mask, response_length, temperature):
+    """The plain way, written out: every position's logits, an fp32 log-softmax over the whole
+    vocabulary, the response tokens gathered; entropy −Σ p log p."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    log_probs = torch.log_softmax(logits[:, -response_length - 1 : -1].float() / temperature, dim=-1)
+    logp = log_probs.gather(-1, input_ids[:, -response_length:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+def _values_and_grads(model, fn):
+    model.zero_grad()
+    logp, entropy = fn()
+    # Any fixed weighting of both outputs: its gradient touches every parameter, the head included.
+    weights = torch.linspace(-1.0, 2.0, logp.numel()).reshape(logp.shape)
+    ((logp * weights).sum() + 0.3 * (entropy * weights.flip(-1)).sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logp.detach(), entropy.detach(), grads
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 0])  # a token at a time, chunks across rows, all at once
+def test_chunked_logprobs_and_entropy_equal_the_full_log_softmax_gradients_included(tokenizer, chunk_tokens):
+    model = load_causal_lm("random:tiny", tokenizer, seed=0)
+    input_ids, attention_mask = _batch(tokenizer)
+    expected = _values_and_grads(model, lambda: _full_softmax_scores(model, input_ids, attention_mask, 4, 0.7))
+    chunked = _values_and_grads(model, lambda: response_logprobs(
+        model, input_ids, attention_mask, 4, temperature=0.7, with_entropy=True, entropy_grad=True,
+        chunk_tokens=chunk_tokens))  # fmt: skip
+    torch.testing.assert_close(chunked[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked[1], expected[1], rtol=1e-5, atol=1e-5)  # entropy ≈ log V ≈ 11
+    assert chunked[2].keys() == expected[2].keys() and len(expected[2]) == len(list(model.parameters()))
+    for name, grad in expected[2].items():  # fp32 sums in another order: equal to ~1e-6 of the largest entry
+        torch.testing.assert_close(chunked[2][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_entropy_carries_no_gradient_unless_asked(tokenizer, tiny_model):
+    input_ids, attention_mask = _batch(tokenizer)
+    logp, entropy = response_logprobs(tiny_model, input_ids, attention_mask, 4, with_entropy=True, chunk_tokens=3)
+    assert logp.requires_grad and not entropy.requires_grad
+    _, entropy = response_logprobs(tiny_model, input_ids, attention_mask, 4, with_entropy=True, entropy_grad=True)
+    assert entropy.requires_grad
+
+
+def test_a_model_that_rescales_its_logits_after_the_head_is_scored_from_its_own_logits(tokenizer):
+    model = load_causal_lm("random:tiny", tokenizer, seed=0)
+    input_ids, attention_mask = _batch(tokenizer)
+    with torch.no_grad():
+        plain, _ = response_logprobs(model, input_ids, attention_mask, 4)
+
+    def doubled(module, args, kwargs, output):  # as a logit_scale of 2 would do inside the forward
+        output.logits = output.logits * 2
+        return output
+
+    model.register_forward_hook(doubled, with_kwargs=True)
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, input_ids, attention_mask, 4, chunk_tokens=2)
+        expected, _ = _full_softmax_scores(model, input_ids, attention_mask, 4, 1.0)
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(logp, plain, atol=1e-3)  # the doubling did change the scores
+
+
+def test_target_logprobs_in_chunks_equal_the_full_log_softmax(tokenizer, tiny_model):
+    # Right-padded rows; the loss covers positions 4.. of row 0 and 6.. of row 1 (targets 1 + k).
+    input_ids, _ = _batch(tokenizer, seed=1)
+    input_ids = input_ids[:2]
+    attention = torch.ones_like(input_ids)
+    positions = torch.arange(11).expand(2, 11)
+    loss_mask = torch.zeros(2, 11)
+    loss_mask[0, 4:] = 1
+    loss_mask[1, 6:] = 1
+    with torch.no_grad():
+        logp, mask = target_logprobs(tiny_model, input_ids, attention, positions, loss_mask, chunk_tokens=3)
+        full = torch.log_softmax(tiny_model(input_ids=input_ids).logits[:, :-1].float(), -1)
+        expected = full.gather(-1, input_ids[:, 1:, None]).squeeze(-1)[:, 3:]  # first covered target: token 4
+    assert torch.equal(mask, loss_mask[:, 4:])
+    torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(tokenizer):
+    input_ids, attention_mask = _batch(tokenizer)
+
+    def grads(checkpointing: bool):
+        model = load_causal_lm("random:tiny", tokenizer, seed=0)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()  # transformers recomputes layers only in training mode
+        return _values_and_grads(model, lambda: response_logprobs(
+            model, input_ids, attention_mask, 4, with_entropy=True, entropy_grad=True))  # fmt: skip
+
+    plain, checkpointed = grads(False), grads(True)
+    torch.testing.assert_close(checkpointed[0], plain[0], rtol=0, atol=1e-6)
+    assert checkpointed[2].keys() == plain[2].keys()
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(checkpointed[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
