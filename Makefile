@@ -66,7 +66,8 @@ wheel-check:
 clean:
 	rm -rf runs multirun outputs .pytest_cache
 
-bench: setup  # rollout hf vs vllm (tokens/s, step breakdown), PPO vs GRPO (memory, step time), ZeRO-0 vs ZeRO-3 per-rank memory
+bench: setup  # GRPO step: full vs LoRA (s/step, breakdown, peak RSS, padding); rollout hf vs vllm; PPO vs GRPO; ZeRO-0 vs ZeRO-3
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_step.py $(if $(TRL_PYTHON),--trl $(TRL_PYTHON))
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_rollout.py
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_algos.py
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(BIN)/python scripts/bench_zero.py

@@ -52,6 +52,26 @@ class Batch:
     def with_(self, **fields) -> Batch:
         return replace(self, **fields)
 
+    def trimmed(self) -> Batch:
+        """The same rows without the columns that are padding in every row: the prompts' common left
+        padding and the response columns past the longest response. Positions follow the attention
+        mask and padding is never attended to or trained on, so scores and losses are unchanged."""
+        width = self.input_ids.shape[1]
+        prompt_width = width - self.response_length
+        attended = self.attention_mask[:, :prompt_width].any(dim=0).nonzero()
+        first = int(attended[0]) if len(attended) else prompt_width
+        keep = max(int(self.response_mask.sum(dim=1).max()) if self.size else 0, 1)
+        if first == 0 and keep == self.response_length:
+            return self
+        picked = {}
+        for name, value in self.__dict__.items():
+            if name in ("input_ids", "attention_mask"):
+                value = value[:, first : prompt_width + keep]
+            elif isinstance(value, torch.Tensor) and value.ndim == 2:  # every [B, T] field
+                value = value[:, :keep]
+            picked[name] = value
+        return Batch(**picked)
+
     def rows(self, index: torch.Tensor) -> Batch:
         """A sub-batch of the given rows (tensors sliced, lists picked)."""
         picked = {}

@@ -61,8 +61,14 @@ class CriticSpec:
     lr: float
     warmup_steps: int  # steps during which only the critic trains
     max_grad_norm: float
+    lora: LoraSpec  # the critic's own adapter (critic.lora)
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            try:
+                object.__setattr__(self, "lora", LoraSpec(**self.lora))
+            except ValueError as err:
+                raise ValueError(f"lora.{err}") from None
         checks = (("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
                   ("warmup_steps", self.warmup_steps >= 0, "must be ≥ 0"),
                   ("max_grad_norm", self.max_grad_norm >= 0, "must be ≥ 0 (0 = no clipping)"))  # fmt: skip
@@ -114,6 +120,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         minibatch_size=optim.minibatch_size, micro_batch_size=optim.micro_batch_size,
         num_iterations=algo.num_iterations, max_prompt_tokens=prompt_format.max_prompt_tokens,
         max_new_tokens=sampling.max_new_tokens, fixed_accumulation=cfg.deepspeed.enabled,
+        max_tokens_per_micro_batch=optim.max_tokens_per_micro_batch,
     )  # fmt: skip
     zero = fill("deepspeed", cfg.deepspeed, ZeroSpec, precision=cfg.engine.precision, world_size=ranks.world_size,
                 micro_batch_size=layout.micro_batch_size, accumulation_steps=layout.accumulation_steps)  # fmt: skip
@@ -281,6 +288,21 @@ def load_model_and_tokenizer(cfg: DictConfig, weights_from: str | None = None, l
     return model, tokenizer
 
 
+def with_critic_adapter(critic: models.ValueModel, lora: LoraSpec, weights_from: str | None) -> models.ValueModel:
+    """The critic as it trains: its backbone with a LoRA adapter (new, or the checkpoint's, with the
+    checkpoint's value head); the value head itself always trains whole."""
+    if not lora.enabled:
+        return critic
+    if weights_from:
+        from safetensors.torch import load_file
+
+        critic.backbone = load_adapter(critic.backbone, Path(weights_from))
+        critic.head.load_state_dict(load_file(str(Path(weights_from) / "value_head.safetensors")))
+    else:
+        critic.backbone = add_adapter(critic.backbone, lora, task_type=None)
+    return critic
+
+
 def with_adapter(model, lora: LoraSpec, weights_from: str | None):
     """The policy as it trains: ``model`` itself, or ``model`` with a LoRA adapter (new, or the checkpoint's)."""
     if not lora.enabled:
@@ -391,7 +413,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
             f"data: every training prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
         )
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        models.checkpoint_activations(model)
 
     if zero.enabled:
         init_process_group(ranks, even_alone=True)
@@ -410,15 +432,17 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     critic = None
     if algo.needs_values:
         c = settings.critic
+        critic_from = str(resume_from / "critic") if resume_from else None
         critic_model = models.load_value_model(
-            str(resume_from / "critic") if resume_from else c.path or cfg.model.path,
+            critic_from if critic_from and not c.lora.enabled else c.path or cfg.model.path,
             tokenizer,
             cfg.model.dtype,
             cfg.model.trust_remote_code,
             seed=cfg.engine.seed,
         )
+        critic_model = with_critic_adapter(critic_model, c.lora, critic_from)
         if cfg.model.gradient_checkpointing:
-            critic_model.gradient_checkpointing_enable()
+            models.checkpoint_activations(critic_model)
         critic = make_engine(critic_model, replace(settings.optim, lr=c.lr, max_grad_norm=c.max_grad_norm))
     rewards = build_rewards(cfg, zero if zero.enabled else None, policy.autocast)
     reference = None

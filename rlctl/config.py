@@ -53,20 +53,21 @@ class AlgoConfig:
 
 
 @dataclass
-class CriticConfig:
-    path: str | None = None  # initial weights (a causal LM or a reward model); None = the policy's model.path
-    lr: float = 2e-5  # critic AdamW learning rate
-    warmup_steps: int = 0  # steps at the start during which only the critic trains
-    max_grad_norm: float = 1.0  # clip the critic's gradient norm (0 = off)
-
-
-@dataclass
 class LoraConfig:
     r: int = 0  # LoRA rank; 0 = off (every weight trains)
     alpha: float = 32.0  # the adapter's output is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapter's input
     # linear layers that get an adapter, by name or suffix; all-linear = every attention and MLP projection (not the LM head)
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class CriticConfig:
+    path: str | None = None  # initial weights (a causal LM or a reward model); None = the policy's model.path
+    lr: float = 2e-5  # critic AdamW learning rate
+    warmup_steps: int = 0  # steps at the start during which only the critic trains
+    max_grad_norm: float = 1.0  # clip the critic's gradient norm (0 = off)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the critic's own adapter (r > 0); its value head trains whole
 
 
 @dataclass
@@ -159,6 +160,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
     minibatch_size: int = 0  # samples per optimiser update, per process (0 = the step's whole batch)
     micro_batch_size: int = 32  # samples per forward/backward (gradient accumulation inside a minibatch)
+    # train: tokens per forward/backward, rows × (longest prompt + longest response); rows of like length grouped (0 = micro_batch_size rows)
+    max_tokens_per_micro_batch: int = 0
 
 
 @dataclass

@@ -46,13 +46,14 @@ class LoraSpec:
         return self.alpha / self.r
 
 
-def add_adapter(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
-    """``model`` with a fresh LoRA adapter (B = 0: it computes what ``model`` did); only the adapter trains."""
+def add_adapter(model: torch.nn.Module, spec: LoraSpec, task_type: str | None = "CAUSAL_LM") -> torch.nn.Module:
+    """``model`` with a fresh LoRA adapter (B = 0: it computes what ``model`` did); only the adapter
+    trains. ``task_type=None`` for a transformer body without an LM head (a critic's backbone)."""
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")  # fmt: skip
+                        bias="none", task_type=task_type)  # fmt: skip
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # peft names the modules it could not find

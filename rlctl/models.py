@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from rlctl.errors import RlctlError
+from rlctl.lora import is_adapted
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,8 @@ class ValueModel(torch.nn.Module):
         ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.backbone.gradient_checkpointing_enable()
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
 
     def save_pretrained(self, folder: Path, state_dict: dict | None = None, **kwargs) -> None:
         """The backbone as an HF folder plus ``value_head.safetensors``. ``state_dict`` (keys
@@ -210,8 +211,16 @@ class ValueModel(torch.nn.Module):
         def part(prefix: str) -> dict:
             return {k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
 
+        if is_adapted(self.backbone):  # the adapter alone; the base comes from critic.path on resume
+            kwargs["save_embedding_layers"] = False
         self.backbone.save_pretrained(folder, state_dict=part("backbone."), **kwargs)
         save_file(part("head."), str(Path(folder) / "value_head.safetensors"))
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Gradient checkpointing: each layer's activations recomputed in the backward pass. Non-reentrant,
+    so a layer whose input needs no gradient (frozen embeddings under LoRA) still passes gradients on."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_value_model(

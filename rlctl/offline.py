@@ -201,6 +201,12 @@ def read_engine_settings(
             f"optim.minibatch_size: rlctl {command} makes one update of {per_step_key}={per_step} {unit} "
             f"per step; leave it at 0 (got {optim.minibatch_size}) and set {per_step_key}"
         )
+    if optim.max_tokens_per_micro_batch:
+        raise RlctlError(
+            f"optim.max_tokens_per_micro_batch: rlctl {command} cuts micro-batches by rows (optim.micro_batch_size)"
+            + ("; data.pack=true packs short demonstrations into rows instead" if command == "sft" else "")
+            + f"; leave it at 0 (got {optim.max_tokens_per_micro_batch})"
+        )
     micro = min(optim.micro_batch_size, per_step)
     if cfg.deepspeed.enabled and per_step % micro:
         raise RlctlError(
@@ -239,8 +245,10 @@ def open_run_folder(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> tuple[Path 
 def start_training(cfg: DictConfig, model, optim: OptimSpec, zero: ZeroSpec, ranks: Ranks, steps: int, run_dir: Path):
     """(engine, loggers) of an offline stage's model: gradient checkpointing if asked, the engine of
     ``steps`` updates, and the run folder's sinks."""
+    from rlctl.models import checkpoint_activations
+
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        checkpoint_activations(model)
     return make_engine(model, optim, zero, cfg.engine.precision, ranks, steps), make_loggers(cfg, run_dir, steps, ranks)
 
 

@@ -34,7 +34,7 @@ from rlctl.logging import Loggers, Timer
 from rlctl.optim.engine import Engine
 from rlctl.optim.layout import BatchLayout
 from rlctl.optim.scoring import response_logprobs, response_values, score_in_chunks
-from rlctl.optim.update import minibatch_counts, minibatches, update
+from rlctl.optim.update import minibatch_counts, minibatches, padding_fraction, update
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMRollout
@@ -133,17 +133,19 @@ def _logprobs(s: Stages, model, batch: Batch) -> torch.Tensor:
     def logp(m, ids, mask, length):
         return response_logprobs(m, ids, mask, length, s.sampling.temperature)[0]
 
-    return score_in_chunks(logp, model, batch, s.layout.micro_batch_size, s.policy.autocast)
+    return score_in_chunks(logp, model, batch, s.layout.micro_batch_size, s.policy.autocast,
+                           s.layout.max_tokens_per_micro_batch)  # fmt: skip
 
 
 def _values(s: Stages, critic, batch: Batch) -> torch.Tensor:
-    return score_in_chunks(response_values, critic, batch, s.layout.micro_batch_size, s.critic.autocast)
+    return score_in_chunks(response_values, critic, batch, s.layout.micro_batch_size, s.critic.autocast,
+                           s.layout.max_tokens_per_micro_batch)  # fmt: skip
 
 
 def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> dict[str, float]:
     """``layout.updates_per_step`` updates of the policy (and of the critic, on the same minibatches).
     Each minibatch's aggregation denominators are counted once, over all its rows on all ranks."""
-    algo, micro_size = s.algo, s.layout.micro_batch_size
+    algo, micro_size, max_tokens = s.algo, s.layout.micro_batch_size, s.layout.max_tokens_per_micro_batch
 
     def policy_loss(micro: Batch, totals: ops.AggregationTotals):
         with s.policy.autocast():
@@ -171,15 +173,17 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
         totals = algo.totals(*minibatch_counts(minibatch.response_mask))
         stats: dict[str, float] = {}
         if train_policy:
-            norm, stats = update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals))
+            norm, stats = update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals), max_tokens)
             grad_norms.append(norm)
         if s.critic is not None:
-            norm, critic_stats = update(s.critic, minibatch, micro_size, partial(critic_loss, totals=totals))
+            norm, critic_stats = update(s.critic, minibatch, micro_size, partial(critic_loss, totals=totals), max_tokens)
             critic_grad_norms.append(norm)
             stats.update(critic_stats)
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
     metrics = {key: value / s.layout.updates_per_step for key, value in sums.items()}  # mean over updates
+    # Padding in the forward passes: with fixed micro-batches at the batch's width, and as trained.
+    metrics["batch/padding_frac_fixed"], metrics["batch/padding_frac"] = padding_fraction(batch, micro_size, max_tokens)
     finite = [g for g in grad_norms if math.isfinite(g)]
     metrics["optim/updates"] = float(len(finite))
     metrics["optim/skipped_updates"] = float(len(grad_norms) - len(finite))

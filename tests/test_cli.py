@@ -1,9 +1,13 @@
 """The command line, end to end on the tiny model, in subprocesses as a user runs it."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,6 +23,38 @@ def rlctl(*args, cwd=None, check=True, timeout=600):
     if check and result.returncode != 0:
         raise AssertionError(f"rlctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def rlctl_here(*args) -> Finished:
+    """`rlctl ARGS` run inside this process, for mistakes the CLI must answer with one line: the
+    same ``main`` as the console script, without the ~10 s of interpreter start-up and imports a
+    subprocess costs on a 2-core CPU. A traceback, from rlctl or Hydra, lands in stderr as it would."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlctl.cli import main
+
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+    return Finished(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +174,7 @@ def test_the_run_ends_with_curves_and_a_model_card(smoke_run):
     ],
 )
 def test_bad_input_gets_one_clear_line_and_no_traceback(overrides, message, tmp_path):
-    result = rlctl("train", "recipe=smoke", f"hydra.run.dir={tmp_path}", *overrides, check=False)
+    result = rlctl_here("train", "recipe=smoke", f"hydra.run.dir={tmp_path}", *overrides)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -190,9 +226,7 @@ def test_config_errors_come_before_any_model_loads(tmp_path, monkeypatch):
 def test_a_row_without_the_prompt_field_is_named(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"text": "2+2?", "answer": "4"}\n')
-    result = rlctl(
-        "train", "recipe=smoke", f"hydra.run.dir={tmp_path / 'run'}", "data=jsonl", f"data.path={data}", check=False
-    )
+    result = rlctl_here("train", "recipe=smoke", f"hydra.run.dir={tmp_path / 'run'}", "data=jsonl", f"data.path={data}")
     assert result.returncode == 1 and f"{data}:2 has no field 'prompt'" in result.stderr
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from stage_helpers import gradient_of_update
-from test_cli import rlctl
+from test_cli import rlctl, rlctl_here
 
 from rlctl.algos.preference import dpo_loss
 from rlctl.cli import CONF_DIR
@@ -147,5 +147,5 @@ def test_dpo_resumes_with_the_saved_reference(dpo_run):
     ],
 )
 def test_dpo_mistakes_get_one_line(overrides, message, tmp_path):
-    result = rlctl("dpo", "model=tiny", *overrides, f"hydra.run.dir={tmp_path}", check=False)
+    result = rlctl_here("dpo", "model=tiny", *overrides, f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

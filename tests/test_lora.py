@@ -111,11 +111,18 @@ def test_a_lora_run_keeps_the_adapter_in_step_checkpoints_and_a_merged_model_in_
     assert adapter and all("lora_" in name for name in adapter)
 
 
-def test_a_resumed_lora_run_continues_its_adapter_bitwise(tmp_path):
-    common = ["model.lora.r=4", "algo.kl_coef=0.05", VARYING, "optim.lr=5e-2", "checkpoint.every=2"]
+def test_a_resumed_lora_run_continues_its_adapters_bitwise(tmp_path):
+    # PPO: the policy and the critic each with an adapter; the split run resumes both from step 2.
+    common = ["algo=ppo", "model.lora.r=4", "critic.lora.r=4", "algo.kl_coef=0.05", VARYING, "optim.lr=5e-2",
+              "critic.lr=5e-2", "checkpoint.every=2"]  # fmt: skip
     train(build_train(compose_train("steps=3", *common), tmp_path / "straight"))
     train(build_train(compose_train("steps=2", *common), tmp_path / "split"))
-    train(build_train(compose_train("steps=3", *common), tmp_path / "split"))
+    critic_saved = sorted(p.name for p in (latest_checkpoint(tmp_path / "split") / "critic").iterdir())
+    assert "adapter_model.safetensors" in critic_saved and "value_head.safetensors" in critic_saved
+    resumed = build_train(compose_train("steps=3", *common), tmp_path / "split")
+    critic = resumed.critic.unwrapped()
+    assert all("lora_" in n or n.startswith("head.") for n, p in critic.named_parameters() if p.requires_grad)
+    train(resumed)
 
     def final_weights(run):
         return load_file(run / "checkpoints" / "final" / "model.safetensors")

@@ -12,6 +12,7 @@ from rlctl.build import build_train
 from rlctl.checkpoint import TrainState
 from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
+from rlctl.optim.update import micro_batches, padding_fraction, row_groups
 from rlctl.trainer import _optimise, train_step
 
 
@@ -65,6 +66,17 @@ def hand_made_batch(advantages_seed: int = 1) -> Batch:
     )  # fmt: skip
 
 
+# Layouts of one minibatch of hand_made_batch()'s 8 rows (prompts 5 tokens, responses 6, 1, 3, 6, 2,
+# 5, 4, 6): fixed runs of rows, and a budget of 24 padded tokens, which sorts the rows by length and
+# takes rows × (5 + longest response) ≤ 24: rows {1, 4, 2} (3 × 8), {6, 5} (2 × 10), {0, 3} (2 × 11), {7}.
+LAYOUTS = {
+    "one micro-batch": ["optim.micro_batch_size=8"],
+    "3 + 3 + 2 rows": ["optim.micro_batch_size=3"],
+    "one row each": ["optim.micro_batch_size=1"],
+    "≤ 24 tokens, by length": ["optim.micro_batch_size=8", "optim.max_tokens_per_micro_batch=24"],
+}
+
+
 @pytest.mark.parametrize("agg", ops.AGGREGATIONS)
 def test_micro_batch_splits_give_the_same_update_as_one_micro_batch_for_every_aggregation(tmp_path, agg):
     # Adam's first step is lr·g / (|g| + ε) per weight; with lr = 1e6 and ε = 1e4 that is about 100·g
@@ -73,25 +85,39 @@ def test_micro_batch_splits_give_the_same_update_as_one_micro_batch_for_every_ag
     common = ["optim.lr=1e6", "optim.eps=1e4", "optim.max_grad_norm=0", f"algo.loss_agg={agg}", "algo.kl_coef=0.1",
               "algo.entropy_coef=0.01"]  # fmt: skip
     results = {}
-    for micro in (8, 3, 1):  # one micro-batch; 3 + 3 + 2 rows; one row each
-        stages = build(tmp_path / str(micro), f"optim.micro_batch_size={micro}", *common)
+    for index, (name, layout) in enumerate(LAYOUTS.items()):
+        stages = build(tmp_path / str(index), *layout, *common)
         torch.manual_seed(0)
         metrics = _optimise(stages, hand_made_batch(), kl_coef=0.1, train_policy=True)
         weights = {k: v.detach().clone() for k, v in stages.policy.unwrapped().state_dict().items()}
-        results[micro] = (metrics, weights)
-    (simple, simple_weights) = results[8]
-    for micro in (3, 1):
-        metrics, weights = results[micro]
-        assert metrics["grad_norm"] == pytest.approx(simple["grad_norm"], rel=1e-5), micro
-        assert metrics["loss/total"] == pytest.approx(simple["loss/total"], rel=1e-5), micro
+        results[name] = (metrics, weights)
+    (simple, simple_weights) = results["one micro-batch"]
+    for name in list(LAYOUTS)[1:]:
+        metrics, weights = results[name]
+        assert metrics["grad_norm"] == pytest.approx(simple["grad_norm"], rel=1e-5), name
+        assert metrics["loss/total"] == pytest.approx(simple["loss/total"], rel=1e-5), name
         worst = worst_relative_difference(weights, simple_weights, stages.policy.unwrapped())
-        print(f"{agg}: micro-batch {micro} vs 8: grad norm {metrics['grad_norm']:.6f} vs {simple['grad_norm']:.6f}, "
+        print(f"{agg}: {name} vs one micro-batch: grad norm {metrics['grad_norm']:.6f} vs {simple['grad_norm']:.6f}, "
               f"largest relative weight difference {worst:.1e}")  # fmt: skip
-        assert worst < 1e-5, micro
+        assert worst < 1e-4, name
+
+
+def test_a_token_budget_groups_rows_of_like_length_and_pads_less():
+    lengths = [(5, n) for n in (6, 1, 3, 6, 2, 5, 4, 6)]
+    assert row_groups(lengths, 8, max_tokens=24) == [[1, 4, 2], [6, 5], [0, 3], [7]]
+    assert row_groups(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert row_groups([(5, 40), (5, 1)], 8, max_tokens=24) == [[1], [0]]  # a row over the budget goes alone
+    # Real tokens 8 × 5 + 33 = 73. Fixed micro-batches at the full width: 8 × 11 = 88 -> 15/88 padding.
+    # The budget's micro-batches, trimmed: 3 × 8 + 2 × 10 + 2 × 11 + 1 × 11 = 77 -> 4/77 padding.
+    fixed, budget = padding_fraction(hand_made_batch(), 8, max_tokens=24)
+    assert fixed == pytest.approx(15 / 88) and budget == pytest.approx(4 / 77)
+    trimmed = [m.input_ids.shape for m in micro_batches(hand_made_batch(), 8, max_tokens=24)]
+    assert trimmed == [(3, 8), (2, 10), (2, 11), (1, 11)]
 
 
 def worst_relative_difference(weights: dict, reference: dict, model) -> float:
-    """max over tensors of max|w − w_ref| / max|w_ref − w_init|: fp32 summation order gives ~1e-7; a
+    """max over tensors of max|w − w_ref| / max|w_ref − w_init|: fp32 summation order gives ~1e-7 to
+    ~1e-5 (micro-batches trimmed to their own width sum attention over fewer columns); a
     wrongly weighted micro-batch or rank gives ~1e-1."""
     from rlctl.models import load_causal_lm, load_tokenizer
 

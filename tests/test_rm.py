@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from stage_helpers import gradient_of_update
-from test_cli import rlctl
+from test_cli import rlctl, rlctl_here
 
 from rlctl.algos.preference import bradley_terry_loss
 from rlctl.cli import CONF_DIR
@@ -170,7 +170,7 @@ def test_rm_resumes_where_it_stopped(rm_run):
 )
 def test_rlhf_mistakes_get_one_line(command, overrides, message, tmp_path):
     extra = ["model.path=random:tiny"] if command == "rm" else []
-    result = rlctl(command, *extra, *overrides, f"hydra.run.dir={tmp_path}", check=False)
+    result = rlctl_here(command, *extra, *overrides, f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 

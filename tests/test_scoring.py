@@ -99,19 +99,57 @@ def test_target_logprobs_in_chunks_equal_the_full_log_softmax(tokenizer, tiny_mo
     torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(tokenizer):
+@pytest.mark.parametrize("lora", [False, True])  # LoRA: the embeddings are frozen, only adapters get gradients
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(tokenizer, lora):
+    from rlctl.lora import LoraSpec, add_adapter
+    from rlctl.models import checkpoint_activations
+
     input_ids, attention_mask = _batch(tokenizer)
 
     def grads(checkpointing: bool):
         model = load_causal_lm("random:tiny", tokenizer, seed=0)
+        if lora:
+            torch.manual_seed(0)  # the same random A in both models
+            model = add_adapter(model, LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"]))
+            with torch.no_grad():  # B ≠ 0, so A gets gradients too
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.fill_(0.01)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            checkpoint_activations(model)
         model.train()  # transformers recomputes layers only in training mode
         return _values_and_grads(model, lambda: response_logprobs(
             model, input_ids, attention_mask, 4, with_entropy=True, entropy_grad=True))  # fmt: skip
 
     plain, checkpointed = grads(False), grads(True)
     torch.testing.assert_close(checkpointed[0], plain[0], rtol=0, atol=1e-6)
-    assert checkpointed[2].keys() == plain[2].keys()
+    assert checkpointed[2].keys() == plain[2].keys() and plain[2]
+    assert not lora or all("lora_" in name for name in plain[2])
     for name, grad in plain[2].items():
         torch.testing.assert_close(checkpointed[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_scoring_in_token_budget_micro_batches_equals_one_pass_over_the_batch(tokenizer, tiny_model):
+    from contextlib import nullcontext
+
+    from rlctl.batch import Batch
+    from rlctl.optim.scoring import score_in_chunks
+
+    # Prompts of 4, 6 and 7 real tokens, left-padded to 7, and responses of 4, 1 and 3 of T = 4
+    # tokens; what follows a response is padding, never attended to.
+    input_ids, attention_mask = _batch(tokenizer)
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float32)
+    attention_mask[:, -4:] = response_mask.long()
+    input_ids[:, -4:][response_mask == 0] = tokenizer.pad_token_id
+    batch = Batch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                  group_ids=torch.zeros(3, dtype=torch.long), prompts=[""] * 3, completions=[""] * 3, answers=[""] * 3)  # fmt: skip
+
+    def logp(model, ids, mask, length):
+        return response_logprobs(model, ids, mask, length)[0]
+
+    with torch.no_grad():
+        whole = logp(tiny_model, input_ids, attention_mask, 4)
+    for chunk, budget in ((3, 0), (1, 0), (3, 14)):  # all at once; a row each; ≤ 14 padded tokens, by length
+        parts = score_in_chunks(logp, tiny_model, batch, chunk, nullcontext, budget)
+        assert parts.shape == whole.shape
+        torch.testing.assert_close(parts * response_mask, whole * response_mask, rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from stage_helpers import gradient_of_update
-from test_cli import rlctl
+from test_cli import rlctl, rlctl_here
 
 from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
@@ -195,12 +195,12 @@ def test_sft_resumes_where_it_stopped(sft_run):
     ],
 )
 def test_sft_mistakes_get_one_line(overrides, message, tmp_path):
-    result = rlctl("sft", "model=tiny", *overrides, f"hydra.run.dir={tmp_path}", check=False)
+    result = rlctl_here("sft", "model=tiny", *overrides, f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_bad_demonstration_file_is_named_with_its_row(tmp_path):
     data = tmp_path / "demos.jsonl"
     data.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "answer": "a"}\n')
-    result = rlctl("sft", "model=tiny", "data=jsonl", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    result = rlctl_here("sft", "model=tiny", "data=jsonl", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0 and f"row {data}:2 has no field 'completion'" in result.stderr

@@ -24,11 +24,13 @@ class BatchLayout:
     max_prompt_tokens: int  # data.max_prompt_tokens
     max_new_tokens: int  # rollout.max_new_tokens
     fixed_accumulation: bool  # DeepSpeed: every minibatch is the same number of equal micro-batches
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by padded token count instead of rows
 
     @classmethod
     def derive(
         cls, prompts_per_step: int, group_size: int, world_size: int, minibatch_size: int, micro_batch_size: int,
         num_iterations: int, max_prompt_tokens: int, max_new_tokens: int, fixed_accumulation: bool,
+        max_tokens_per_micro_batch: int = 0,
     ) -> BatchLayout:  # fmt: skip
         """Check the sizes against each other (one-line errors naming the key) and fill the defaults:
         minibatch 0 = the step's batch; a micro-batch is never larger than the minibatch."""
@@ -47,10 +49,12 @@ class BatchLayout:
                 f"optim.micro_batch_size: {micro_batch_size} must divide the minibatch of {minibatch} samples under "
                 "DeepSpeed (it needs a fixed number of equal micro-batches per update)"
             )
+        if max_tokens_per_micro_batch < 0:
+            raise RlctlError(f"optim.max_tokens_per_micro_batch: must be ≥ 0 (0 = by rows), got {max_tokens_per_micro_batch}")
         if max_prompt_tokens < 1:
             raise RlctlError(f"data.max_prompt_tokens: must be ≥ 1, got {max_prompt_tokens}")
         return cls(prompts_per_step, group_size, world_size, minibatch, micro, num_iterations, max_prompt_tokens,
-                   max_new_tokens, fixed_accumulation)  # fmt: skip
+                   max_new_tokens, fixed_accumulation, max_tokens_per_micro_batch)  # fmt: skip
 
     @property
     def samples_per_step(self) -> int:
@@ -85,9 +89,13 @@ class BatchLayout:
             f"  minibatches: {self.minibatches_per_step} per step of {self.minibatch_size} samples per process "
             f"({self.minibatch_size * w} over all processes), {self.num_iterations} "
             f"iteration{'s' if self.num_iterations > 1 else ''} over them",
-            f"  micro-batches: {self.micro_batch_size} samples, {self.accumulation_steps} per minibatch "
-            f"(gradient accumulation {self.accumulation_steps})",
+            (f"  micro-batches: {self.micro_batch_size} samples, {self.accumulation_steps} per minibatch "
+             f"(gradient accumulation {self.accumulation_steps})") if not self.max_tokens_per_micro_batch else
+            (f"  micro-batches: ≤ {self.max_tokens_per_micro_batch} tokens each (rows × longest prompt + longest "
+             "response), rows of like length together; as many per minibatch as that takes"),
             f"  optimiser updates per step: {self.updates_per_step}",
             f"  largest micro-batch: ≤ {self.max_micro_batch_tokens} tokens ({self.micro_batch_size} × "
-            f"({self.max_prompt_tokens} prompt + {self.max_new_tokens} new tokens))",
+            f"({self.max_prompt_tokens} prompt + {self.max_new_tokens} new tokens))" if not self.max_tokens_per_micro_batch
+            else f"  largest micro-batch: ≤ {max(self.max_tokens_per_micro_batch, self.max_prompt_tokens + self.max_new_tokens)} "
+            "tokens (a row longer than the budget goes alone)",
         ])  # fmt: skip

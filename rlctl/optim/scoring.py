@@ -112,16 +112,24 @@ def response_values(
     return values[:, -response_length - 1 : -1]
 
 
-def score_in_chunks(fn, model, batch, chunk_size: int, autocast) -> torch.Tensor:
-    """``fn(model, input_ids, attention_mask, response_length)`` over the batch ``chunk_size`` rows at a
-    time, without gradients, under ``autocast``; the chunks' [b, T] results concatenated to [B, T]."""
-    out = []
+def score_in_chunks(fn, model, batch, chunk_size: int, autocast, max_tokens: int = 0) -> torch.Tensor:
+    """``fn(model, input_ids, attention_mask, response_length)`` over the batch's micro-batches
+    (``chunk_size`` rows, or ``max_tokens`` padded tokens each, trimmed of common padding), without
+    gradients, under ``autocast``; each micro-batch's [b, T'] result put back in its rows of [B, T]
+    (0 past T', which is padding)."""
+    from rlctl.optim.update import row_groups, row_lengths
+
+    out = None
     with torch.no_grad():
-        for start in range(0, batch.size, chunk_size):
-            rows = slice(start, start + chunk_size)
+        for group in row_groups(row_lengths(batch), chunk_size, max_tokens):
+            rows = torch.tensor(group, dtype=torch.long)
+            micro = batch.rows(rows).trimmed()
             with autocast():
-                out.append(fn(model, batch.input_ids[rows], batch.attention_mask[rows], batch.response_length))
-    return torch.cat(out)
+                scores = fn(model, micro.input_ids, micro.attention_mask, micro.response_length)
+            if out is None:
+                out = scores.new_zeros(batch.size, batch.response_length)
+            out[rows, : scores.shape[1]] = scores
+    return out
 
 
 def pad_rows(ids: list[list[int]], masks: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

@@ -30,10 +30,64 @@ def minibatches(batch: Batch, layout: BatchLayout) -> Iterator[Batch]:
             yield batch.rows(order[start : start + layout.minibatch_size])
 
 
-def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
-    """Consecutive slices of ``size`` rows (the last may be shorter)."""
-    for start in range(0, batch.size, size):
-        yield batch.rows(torch.arange(start, min(start + size, batch.size)))
+def row_groups(lengths: list[tuple[int, int]], size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Which rows go into each micro-batch. lengths: each row's (prompt, response) tokens.
+
+    max_tokens = 0: consecutive runs of ``size`` rows. max_tokens > 0: rows sorted by length and
+    taken while the micro-batch's padded size, rows × (longest prompt + longest response), stays
+    within ``max_tokens`` (a row longer than that goes alone), so rows of like length share a
+    micro-batch and little compute goes to padding. Under several processes every rank gets the
+    same number of micro-batches (its largest ones split), as ZeRO-3 gathers weights per forward.
+    """
+    if max_tokens <= 0:
+        groups = [list(range(start, min(start + size, len(lengths)))) for start in range(0, len(lengths), size)]
+    else:
+        order = sorted(range(len(lengths)), key=lambda i: (sum(lengths[i]), i))
+        groups, current, prompt, response = [], [], 0, 0
+        for i in order:
+            wider = (max(prompt, lengths[i][0]), max(response, lengths[i][1]))
+            if current and (len(current) + 1) * sum(wider) > max_tokens:
+                groups.append(current)
+                current, wider = [], lengths[i]
+            current.append(i)
+            prompt, response = wider
+        if current:
+            groups.append(current)
+    wanted = int(max_over_ranks(float(len(groups))))
+    while len(groups) < wanted:  # rows per rank are equal, so there are enough rows to split
+        largest = max(range(len(groups)), key=lambda g: len(groups[g]))
+        group = groups.pop(largest)
+        groups[largest:largest] = [group[: len(group) // 2], group[len(group) // 2 :]]
+    return groups
+
+
+def row_lengths(batch: Batch) -> list[tuple[int, int]]:
+    """(prompt tokens, response tokens) of every row."""
+    prompt = batch.attention_mask[:, : batch.input_ids.shape[1] - batch.response_length].sum(dim=1)
+    return list(zip(prompt.tolist(), batch.response_mask.sum(dim=1).int().tolist()))
+
+
+def micro_batches(batch, size: int, max_tokens: int = 0) -> Iterator:
+    """The micro-batches of ``batch`` (:func:`row_groups`); a rollout batch's are trimmed of the
+    columns that are padding in all of their rows."""
+    if not isinstance(batch, Batch):  # the offline stages' rows: fixed slices, as they come
+        for start in range(0, batch.size, size):
+            yield batch.rows(torch.arange(start, min(start + size, batch.size)))
+        return
+    for group in row_groups(row_lengths(batch), size, max_tokens):
+        yield batch.rows(torch.tensor(group, dtype=torch.long)).trimmed()
+
+
+def padding_fraction(batch: Batch, size: int, max_tokens: int = 0) -> tuple[float, float]:
+    """Share of the tokens of a forward pass that are padding: (fixed micro-batches of ``size`` rows
+    at the batch's full width, as before token budgets; the micro-batches ``max_tokens`` gives)."""
+    lengths = row_lengths(batch)
+    real = sum(p + r for p, r in lengths)
+    full = batch.size * batch.input_ids.shape[1]
+    used = 0
+    for group in row_groups(lengths, size, max_tokens):
+        used += len(group) * (max(lengths[i][0] for i in group) + max(max(lengths[i][1] for i in group), 1))
+    return 1 - real / max(full, 1), 1 - real / max(used, 1)
 
 
 def minibatch_counts(response_mask: torch.Tensor) -> tuple[float, float, float]:
@@ -44,7 +98,9 @@ def minibatch_counts(response_mask: torch.Tensor) -> tuple[float, float, float]:
     return tokens, sequences, longest
 
 
-def accumulate(engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn) -> dict[str, float]:
+def accumulate(
+    engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn, max_tokens: int = 0
+) -> dict[str, float]:
     """Backward of ``loss_fn`` over the minibatch's micro-batches; the gradient of the whole
     minibatch is left in the engine. ``loss_fn(micro)`` returns (the micro-batch's share of the
     minibatch loss, detached stats).
@@ -55,7 +111,7 @@ def accumulate(engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn)
     """
     sums: dict[str, float] = {}
     weight_total = minibatch.stat_weight or 1.0
-    for micro in micro_batches(minibatch, micro_batch_size):
+    for micro in micro_batches(minibatch, micro_batch_size, max_tokens):
         loss, stats = loss_fn(micro)
         engine.backward(loss)
         weight = micro.stat_weight / weight_total
@@ -65,8 +121,10 @@ def accumulate(engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn)
     return sums
 
 
-def update(engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
+def update(
+    engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn, max_tokens: int = 0
+) -> tuple[float, dict[str, float]]:
     """One optimiser update of ``engine`` on one minibatch: accumulate, then clip and step.
     Returns (the pre-clip gradient norm, non-finite when the update was skipped; the stats)."""
-    stats = accumulate(engine, minibatch, micro_batch_size, loss_fn)
+    stats = accumulate(engine, minibatch, micro_batch_size, loss_fn, max_tokens)
     return engine.step(), stats
