@@ -64,9 +64,9 @@ class CriticSpec:
     lora: LoraSpec  # the critic's own adapter (critic.lora)
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
+        if not isinstance(self.lora, LoraSpec):  # the group's lora mapping
             try:
-                object.__setattr__(self, "lora", LoraSpec(**self.lora))
+                object.__setattr__(self, "lora", LoraSpec(**{key: self.lora[key] for key in self.lora.keys()}))
             except ValueError as err:
                 raise ValueError(f"lora.{err}") from None
         checks = (("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),

@@ -46,6 +46,24 @@ def test_label_smoothing_mixes_in_the_flipped_label():
     assert float(loss) == pytest.approx(0.664397, abs=1e-6)
 
 
+def test_the_nll_term_adds_the_chosen_replies_length_normalised_nll():
+    # The pair above with the chosen reply 2 tokens long, α = 1: NLL term −(−1)/2 = 0.5, so the loss
+    # is 0.644397 + 0.5 = 1.144397, and dL/dlog π(y_c) = −0.0475021 − α/2 = −0.5475021 (the
+    # rejected side keeps +0.0475021: the term does not touch it).
+    logp_c, logp_r = torch.tensor([-1.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    ref = torch.tensor([-1.5])
+    loss, stats = dpo_loss(logp_c, logp_r, ref, ref, beta=0.1, nll_coef=1.0, chosen_tokens=torch.tensor([2.0]))
+    assert float(loss.detach()) == pytest.approx(1.144397, abs=1e-6)
+    loss.backward()
+    assert float(logp_c.grad) == pytest.approx(-0.5475021, abs=1e-6)
+    assert float(logp_r.grad) == pytest.approx(0.0475021, abs=1e-6)
+    assert float(stats["dpo/nll_chosen"]) == pytest.approx(0.5)
+    # Summed over pairs like the preference loss: a second pair (−3 over 3 tokens) adds 1.0 · α.
+    two, _ = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-1.5, -3.5]),
+                      torch.tensor([-1.5, -3.5]), beta=0.1, nll_coef=1.0, chosen_tokens=torch.tensor([2.0, 3.0]))  # fmt: skip
+    assert float(two) == pytest.approx(2 * 0.644397 + 0.5 + 1.0, abs=1e-6)
+
+
 def test_ipo_regresses_the_gap_to_one_over_two_beta():
     # β = 0.5: target 1/(2β) = 1. h = 1 costs nothing; h = 3 costs (3 − 1)² = 4, gradient 2·(h − 1) = 4.
     ref = torch.tensor([0.0])
@@ -72,7 +90,7 @@ def compose_dpo(*overrides):
 
 
 def test_the_reference_is_the_initial_policy_scored_once(tmp_path):
-    run = build_dpo(compose_dpo("pairs_per_step=4"), tmp_path, "")
+    run = build_dpo(compose_dpo("pairs_per_step=4", "nll_coef=0"), tmp_path, "")  # plain DPO: log 2 at the reference
     saved = torch.load(tmp_path / REFERENCE_FILE, weights_only=True)
     objective = run.objective
     chosen, rejected = reference_logprobs(run.engine.model, objective.train, run.tokenizer.pad_token_id, 7,
