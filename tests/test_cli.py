@@ -1,4 +1,5 @@
-"""The command line, end to end on the tiny model, in subprocesses as a user runs it."""
+"""The command line, end to end on the tiny model: the console script's ``main`` with a user's
+arguments, in this process, or in a subprocess where a fresh interpreter matters."""
 
 import contextlib
 import io
@@ -16,10 +17,16 @@ from transformers import AutoModelForCausalLM
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
 
 
-def rlctl(*args, cwd=None, check=True, timeout=600):
-    result = subprocess.run(
-        [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout
-    )
+def rlctl(*args, cwd=None, check=True, timeout=600, isolated=False):
+    """`rlctl ARGS`, as the console script runs it: inside this process (:func:`rlctl_here`), or
+    with ``isolated`` in a subprocess of its own, for what depends on a fresh interpreter (help,
+    sweeps, W&B, one end-to-end proof that a mistake gives one line and no traceback)."""
+    if isolated:
+        result = subprocess.run(
+            [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout
+        )
+    else:
+        result = rlctl_here(*args, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"rlctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -32,17 +39,21 @@ class Finished:
     stderr: str
 
 
-def rlctl_here(*args) -> Finished:
-    """`rlctl ARGS` run inside this process, for mistakes the CLI must answer with one line: the
-    same ``main`` as the console script, without the ~10 s of interpreter start-up and imports a
-    subprocess costs on a 2-core CPU. A traceback, from rlctl or Hydra, lands in stderr as it would."""
+def rlctl_here(*args, cwd=None) -> Finished:
+    """`rlctl ARGS` run inside this process: the same ``main`` as the console script, without the
+    ~10 s of interpreter start-up and imports a subprocess costs on a 2-core CPU. What it prints is
+    captured; a traceback, from rlctl or Hydra, lands in stderr as it would."""
     from hydra.core.global_hydra import GlobalHydra
 
     from rlctl.cli import main
 
     out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    columns, folder = os.environ.get("COLUMNS"), os.getcwd()
+    os.environ["COLUMNS"] = "200"  # as ENV gives a subprocess: rich wraps nothing a test looks for
     GlobalHydra.instance().clear()
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(list(args))
@@ -52,7 +63,12 @@ def rlctl_here(*args) -> Finished:
                 traceback.print_exc()
                 code = 1
     finally:
+        os.chdir(folder)
         sys.argv = argv
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
         GlobalHydra.instance().clear()
     return Finished(code, out.getvalue(), err.getvalue())
 
@@ -113,23 +129,23 @@ def test_eval_and_generate_accept_the_checkpoint(smoke_run, tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config():
-    out = rlctl("train", "algo=rloo", "--cfg", "job").stdout
+    out = rlctl("train", "algo=rloo", "--cfg", "job", isolated=True).stdout
     assert "advantage: rloo" in out and "path: embedded:smollm2-135m" in out
 
 
 def test_help_lists_the_config_groups_and_recipes_lists_files():
-    out = rlctl("train", "--help").stdout
+    out = rlctl("train", "--help", isolated=True).stdout
     for group in ("algo:", "model:", "data:", "reward:", "rollout:", "logger:", "recipe:"):
         assert group in out
     algo_line = next(line for line in out.splitlines() if line.startswith("algo:"))
     assert "grpo" in algo_line and "ppo" in algo_line and "rlctl train:" in out
-    recipes = rlctl("recipes").stdout
+    recipes = rlctl("recipes", isolated=True).stdout
     assert "smoke" in recipes and "tiny random model" in recipes
 
 
 def test_multirun_sweeps_two_values_into_two_folders(tmp_path):
     result = rlctl("train", "-m", "recipe=smoke", "steps=1", "optim.lr=1e-5,3e-5", "eval.enabled=false", "save_final=false",
-          "logger.sample_every=0", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+          "logger.sample_every=0", f"hydra.sweep.dir={tmp_path}", isolated=True)  # fmt: skip
     for job in ("0", "1"):
         assert (tmp_path / job / "metrics.jsonl").exists()
     lrs = [json.loads((tmp_path / j / "metrics.jsonl").read_text().splitlines()[-1])["lr"] for j in ("0", "1")]
@@ -246,7 +262,7 @@ def test_overlong_prompts_are_reported_not_fatal(tmp_path):
 
 def test_wandb_logger_works_offline(tmp_path):
     rlctl("train", "recipe=smoke", "logger=wandb", "steps=1", "eval.enabled=false", "save_final=false",
-          f"hydra.run.dir={tmp_path}")  # fmt: skip
+          f"hydra.run.dir={tmp_path}", isolated=True)  # fmt: skip
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert offline_runs and any(offline_runs[0].glob("*.wandb"))
 

@@ -1,5 +1,7 @@
 """Nothing silently wrong: each case here once ended with exit 0 having done something other than
-what the user asked (or with a traceback). Run through the CLI, in subprocesses, as a user would."""
+what the user asked (or with a traceback). Run through the CLI's ``main`` as a user would: in this
+process, or in a subprocess where a fresh interpreter matters (launches, sweeps, W&B, and the
+one-line mistakes, proved once end to end)."""
 
 import json
 import os
@@ -11,12 +13,17 @@ from pathlib import Path
 import pytest
 
 from rlctl.cli import CONF_DIR
+from test_cli import rlctl_here
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
 README = Path(__file__).parent.parent / "README.md"
 
 
-def rlctl(*args, cwd=None, env=None, timeout=600):
+def rlctl(*args, cwd=None, env=None, timeout=600, isolated=False):
+    """`rlctl ARGS` in this process (the console script's ``main``), or with ``isolated`` (or an
+    ``env`` of its own) in a subprocess, for what depends on a fresh interpreter."""
+    if not isolated and env is None:
+        return rlctl_here(*args, cwd=cwd)
     return subprocess.run(
         [sys.executable, "-m", "rlctl", *args], capture_output=True, text=True, env=env or ENV, cwd=cwd, timeout=timeout
     )
@@ -115,7 +122,7 @@ def test_the_console_is_kept_in_train_log_and_a_failed_start_leaves_its_error(tm
 def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = rlctl("train", "-m", "recipe=smoke", "steps=1", "eval.enabled=false", "save_final=false",
-                   "optim.lr=1e-5,-1,2e-5", f"hydra.sweep.dir={sweep}")  # fmt: skip
+                   "optim.lr=1e-5,-1,2e-5", f"hydra.sweep.dir={sweep}", isolated=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["done", "failed", "done"]
@@ -142,7 +149,7 @@ def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
     ],
 )
 def test_one_line_errors_instead_of_tracebacks(args, message, tmp_path):
-    result = rlctl(*args, cwd=tmp_path)
+    result = rlctl(*args, cwd=tmp_path, isolated=True)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
@@ -170,7 +177,7 @@ def test_eval_accepts_a_recipe_and_version_prints(tmp_path):
     result = rlctl("eval", "recipe=smoke", "rollout.max_new_tokens=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"] == "random:tiny" and "settings from recipe smoke" in result.stderr
-    version = rlctl("--version")
+    version = rlctl("--version", isolated=True)
     assert re.fullmatch(r"rlctl \d+\.\d+\.\d+\S*\n", version.stdout)
 
 

@@ -193,7 +193,8 @@ def rlctl(*args, timeout=600):
     return result
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+# PPO's critic does not touch the rollout; its run with vLLM (a minute here) is in `make test-slow`.
+@pytest.mark.parametrize("algo", ["grpo", pytest.param("ppo", marks=pytest.mark.slow)])
 def test_a_run_with_rollout_vllm_trains_evaluates_and_saves(tmp_path, algo):
     run = tmp_path / "run"
     rlctl("train", "recipe=smoke", "rollout=vllm", f"algo={algo}", SMOKE_REWARD, f"hydra.run.dir={run}")
