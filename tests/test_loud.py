@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import rlctl_here
 
 from rlctl.cli import CONF_DIR
-from test_cli import rlctl_here
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
 README = Path(__file__).parent.parent / "README.md"
