@@ -120,7 +120,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         minibatch_size=optim.minibatch_size, micro_batch_size=optim.micro_batch_size,
         num_iterations=algo.num_iterations, max_prompt_tokens=prompt_format.max_prompt_tokens,
         max_new_tokens=sampling.max_new_tokens, fixed_accumulation=cfg.deepspeed.enabled,
-        max_tokens_per_micro_batch=optim.max_tokens_per_micro_batch,
+        max_tokens_per_micro_batch=optim.max_tokens_per_micro_batch, share_prompts=optim.share_prompts,
     )  # fmt: skip
     zero = fill("deepspeed", cfg.deepspeed, ZeroSpec, precision=cfg.engine.precision, world_size=ranks.world_size,
                 micro_batch_size=layout.micro_batch_size, accumulation_steps=layout.accumulation_steps)  # fmt: skip
@@ -231,6 +231,20 @@ def rollout_model_folder(model_path: str, model: torch.nn.Module) -> EngineFolde
     return EngineFolder(folder, temporary=True)
 
 
+def rollout_sequences(cfg: DictConfig) -> int:
+    """The most sequences one generation call of this command asks for: a training step's samples
+    (per process), an evaluation batch, or ``rlctl generate``'s prompts × n."""
+    def select(key: str):
+        return OmegaConf.select(cfg, key, default=None)
+
+    counts = [
+        (select("prompts_per_step") or 0) * (select("algo.group_size") or 1),
+        (select("eval.batch_size") or 0) * (select("eval.n_samples") or 1) if select("eval.enabled") is not False else 0,
+        max(len(select("prompts") or []), select("num_prompts") or 0) * (select("n") or 1),
+    ]
+    return max(1, *counts)
+
+
 def build_rollout(
     cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: EngineFolder | None
 ):
@@ -243,7 +257,7 @@ def build_rollout(
         engine = VLLMEngine(
             model_folder.path, vllm, cfg.engine.precision,
             max_model_len=cfg.data.max_prompt_tokens + sampling.max_new_tokens,
-            seed=cfg.engine.seed + launched_ranks().rank,
+            seed=cfg.engine.seed + launched_ranks().rank, max_sequences=rollout_sequences(cfg),
         )  # fmt: skip
     finally:
         if model_folder.temporary:

@@ -142,7 +142,7 @@ class RolloutConfig:
     is_correction: str = "tis"  # none | tis: weight each token's loss by min(π_train/π_rollout, is_cap) (vllm only)
     is_cap: float = 2.0  # C of truncated importance sampling
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of GPU memory for its weights and KV cache
-    kv_cache_gib: float = 0.0  # vllm: KV cache size in GiB (0 = from gpu_memory_utilization on GPU, 2 GiB on CPU)
+    kv_cache_gib: float = 0.0  # vllm: KV cache size in GiB (0 = from gpu_memory_utilization on GPU; on CPU room for one rollout's sequences, ≤ 2 GiB)
     max_model_len: int = 0  # vllm: longest prompt + completion (0 = data.max_prompt_tokens + max_new_tokens)
     enforce_eager: bool | None = None  # vllm: no CUDA graphs / compilation (None = eager on CPU, graphs on GPU)
     sleep_during_update: bool | None = None  # vllm: free its KV cache while training (None = on GPU, off on CPU)
@@ -162,6 +162,8 @@ class OptimConfig:
     micro_batch_size: int = 32  # samples per forward/backward (gradient accumulation inside a minibatch)
     # train: tokens per forward/backward, rows × (longest prompt + longest response); rows of like length grouped (0 = micro_batch_size rows)
     max_tokens_per_micro_batch: int = 0
+    # train: a group's completions are scored after one copy of their prompt (same values, fewer tokens; sdpa/eager attention)
+    share_prompts: bool = True
 
 
 @dataclass

@@ -131,7 +131,7 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
 
 def _logprobs(s: Stages, model, batch: Batch) -> torch.Tensor:
     def logp(m, ids, mask, length):
-        return response_logprobs(m, ids, mask, length, s.sampling.temperature)[0]
+        return response_logprobs(m, ids, mask, length, s.sampling.temperature, share_prompts=s.layout.share_prompts)[0]
 
     return score_in_chunks(logp, model, batch, s.layout.micro_batch_size, s.policy.autocast,
                            s.layout.max_tokens_per_micro_batch)  # fmt: skip
@@ -152,6 +152,7 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
             logp, entropy = response_logprobs(
                 s.policy.model, micro.input_ids, micro.attention_mask, micro.response_length,
                 s.sampling.temperature, with_entropy=True, entropy_grad=algo.entropy_needs_grad,
+                share_prompts=s.layout.share_prompts,
             )  # fmt: skip
         # Without stored log-probs this is the step's only update: the sampling policy is this one.
         old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()

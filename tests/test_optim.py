@@ -52,13 +52,14 @@ def test_every_update_after_the_first_is_clipped_against_the_stored_log_probs(tm
 
 
 def hand_made_batch(advantages_seed: int = 1) -> Batch:
-    """8 rows: prompts of 5 tokens, responses of unequal length (1 to 6 of T = 6 tokens)."""
+    """8 rows, 2 groups of 4 with one prompt each (5 tokens), responses of unequal length (1 to 6 of T = 6 tokens)."""
     generator = torch.Generator().manual_seed(advantages_seed)
     lengths = [6, 1, 3, 6, 2, 5, 4, 6]
     mask = torch.zeros(8, 6)
     for row, length in enumerate(lengths):
         mask[row, :length] = 1
     ids = torch.randint(10, 2000, (8, 11), generator=generator)
+    ids[:, :5] = ids[[0, 0, 0, 0, 4, 4, 4, 4], :5]  # a group's completions answer one prompt
     return Batch(
         input_ids=ids, attention_mask=torch.cat([torch.ones(8, 5, dtype=torch.long), mask.long()], dim=1),
         response_mask=mask, group_ids=torch.arange(8) // 4, prompts=[""] * 8, completions=[""] * 8, answers=[""] * 8,
@@ -69,8 +70,11 @@ def hand_made_batch(advantages_seed: int = 1) -> Batch:
 # Layouts of one minibatch of hand_made_batch()'s 8 rows (prompts 5 tokens, responses 6, 1, 3, 6, 2,
 # 5, 4, 6): fixed runs of rows, and a budget of 24 padded tokens, which sorts the rows by length and
 # takes rows × (5 + longest response) ≤ 24: rows {1, 4, 2} (3 × 8), {6, 5} (2 × 10), {0, 3} (2 × 11), {7}.
+# The simple layout runs every row alone; the others run each prompt once per micro-batch
+# (optim.share_prompts, the default) wherever two of its rows share one.
 LAYOUTS = {
-    "one micro-batch": ["optim.micro_batch_size=8"],
+    "one micro-batch": ["optim.micro_batch_size=8", "optim.share_prompts=false"],
+    "one micro-batch, prompts shared": ["optim.micro_batch_size=8"],
     "3 + 3 + 2 rows": ["optim.micro_batch_size=3"],
     "one row each": ["optim.micro_batch_size=1"],
     "≤ 24 tokens, by length": ["optim.micro_batch_size=8", "optim.max_tokens_per_micro_batch=24"],

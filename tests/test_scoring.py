@@ -65,10 +65,10 @@ def test_entropy_carries_no_gradient_unless_asked(tokenizer, tiny_model):
 
 
 def test_a_model_that_rescales_its_logits_after_the_head_is_scored_from_its_own_logits(tokenizer):
-    model = load_causal_lm("random:tiny", tokenizer, seed=0)
     input_ids, attention_mask = _batch(tokenizer)
-    with torch.no_grad():
-        plain, _ = response_logprobs(model, input_ids, attention_mask, 4)
+    with torch.no_grad():  # the same weights unchanged (a model is checked once: the first time it is scored)
+        plain, _ = response_logprobs(load_causal_lm("random:tiny", tokenizer, seed=0), input_ids, attention_mask, 4)
+    model = load_causal_lm("random:tiny", tokenizer, seed=0)
 
     def doubled(module, args, kwargs, output):  # as a logit_scale of 2 would do inside the forward
         output.logits = output.logits * 2
@@ -153,3 +153,61 @@ def test_scoring_in_token_budget_micro_batches_equals_one_pass_over_the_batch(to
         parts = score_in_chunks(logp, tiny_model, batch, chunk, nullcontext, budget)
         assert parts.shape == whole.shape
         torch.testing.assert_close(parts * response_mask, whole * response_mask, rtol=0, atol=1e-5)
+
+
+def _groups(tokenizer):
+    """Two prompts (5 and 3 real tokens, left-padded to 5) × 3 completions of T = 4 with 4, 2, 1 /
+    3, 4, 2 real tokens, right-padded: a rollout's layout, groups in row order."""
+    generator = torch.Generator().manual_seed(3)
+    prompts = torch.randint(3, tokenizer.vocab_size, (2, 5), generator=generator)
+    prompts[1, :2] = tokenizer.pad_token_id
+    input_ids = torch.cat([prompts.repeat_interleave(3, 0), torch.randint(3, tokenizer.vocab_size, (6, 4), generator=generator)], 1)
+    lengths = torch.tensor([4, 2, 1, 3, 4, 2])
+    response_mask = (torch.arange(4)[None, :] < lengths[:, None]).float()
+    attention_mask = torch.cat([torch.ones(6, 5, dtype=torch.long), response_mask.long()], 1)
+    attention_mask[3:, :2] = 0
+    input_ids[attention_mask == 0] = tokenizer.pad_token_id
+    return input_ids, attention_mask, response_mask
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask; an additive one
+@pytest.mark.parametrize("max_width", [0, 8])  # one pack per prompt; packs of ≤ 8 tokens
+def test_completions_scored_after_one_shared_prompt_equal_their_rows_scored_alone_gradients_included(
+    tokenizer, attention, max_width, monkeypatch
+):
+    from rlctl.optim import scoring
+
+    model = load_causal_lm("random:tiny", tokenizer, seed=0)
+    model.config._attn_implementation = attention
+    input_ids, attention_mask, response_mask = _groups(tokenizer)
+    if max_width:  # the widest row is 5 + 4 = 9 tokens
+        monkeypatch.setattr(scoring, "MAX_PACK_WIDTH_FACTOR", max_width / 9)
+    packs = scoring.prompt_packs(input_ids, attention_mask, 4, max_width or 100)
+    # ≤ 8 tokens: prompt 0 (5 tokens) + 4 → [0] alone (a pack holds ≥ 1 row), 5 + 2 + 1 → [1, 2];
+    # prompt 1 (3 tokens): 3 + 3 (+ 4 > 8) → [3], 3 + 4 (+ 2 > 8) → [4], [5]. With room: a pack a prompt.
+    assert packs == ([[0], [1, 2], [3], [4], [5]] if max_width else [[0, 1, 2], [3, 4, 5]])
+
+    def scores(share):
+        def fn():
+            logp, entropy = response_logprobs(model, input_ids, attention_mask, 4, temperature=0.7, with_entropy=True,
+                                              entropy_grad=True, share_prompts=share)  # fmt: skip
+            return logp * response_mask, entropy * response_mask
+        return _values_and_grads(model, fn)
+
+    alone, shared = scores(False), scores(True)
+    torch.testing.assert_close(shared[0], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[1], alone[1], rtol=1e-5, atol=1e-5)
+    for name, grad in alone[2].items():
+        torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_sharing_prompts_scores_zero_past_each_response_and_runs_fewer_tokens(tokenizer):
+    model = load_causal_lm("random:tiny", tokenizer, seed=0)
+    input_ids, attention_mask, response_mask = _groups(tokenizer)
+    widths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, input_ids, attention_mask, 4, share_prompts=True)
+    # Two rows: 5 + 4 + 2 + 1 = 12 and 3 + 3 + 4 + 2 = 12 tokens, against 6 rows × 9 columns.
+    assert widths == [torch.Size([2, 12])]
+    assert torch.equal(logp == 0, response_mask == 0)

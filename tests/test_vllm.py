@@ -28,6 +28,34 @@ def log(values):
     return torch.tensor(values).log()[None]
 
 
+# --- the engine's CPU KV cache, sized by hand ----------------------------------------------------
+
+
+def test_the_cpu_kv_cache_holds_one_rollouts_sequences_at_full_length_and_at_most_2_gib(tmp_path):
+    from transformers import LlamaConfig
+
+    from rlctl.build import rollout_sequences
+    from rlctl.rollout.vllm import cpu_kv_cache_bytes
+
+    LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64).save_pretrained(tmp_path)
+    # Per token: 2 layers × 2 (K, V) × 2 KV heads × 16 (64 / 4 heads) values × 4 bytes (fp32) = 512 B.
+    # 3 sequences of ≤ 130 tokens take 2 blocks of 128 each: 768 tokens -> 393,216 B; bf16 half.
+    assert cpu_kv_cache_bytes(str(tmp_path), "no", 130, 3) == 393_216
+    assert cpu_kv_cache_bytes(str(tmp_path), "bf16", 130, 3) == 196_608
+    assert cpu_kv_cache_bytes(str(tmp_path), "no", 130, 10**6) == 2 * 2**30  # capped
+    assert cpu_kv_cache_bytes(str(tmp_path / "missing"), "no", 130, 3) == 2 * 2**30  # no sizes: the cap
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        # 8 prompts × 4 samples = 32 per step; the evaluation asks for 64 prompts × 1 at once, unless off.
+        cfg = compose("train", overrides=["prompts_per_step=8", "algo.group_size=4"])
+        assert rollout_sequences(cfg) == 64
+        cfg = compose("train", overrides=["prompts_per_step=8", "algo.group_size=4", "eval.enabled=false"])
+        assert rollout_sequences(cfg) == 32
+        cfg = compose("generate", overrides=["n=3", "num_prompts=5"])
+        assert rollout_sequences(cfg) == 15
+
+
 # --- the correction, by hand ------------------------------------------------------------------
 
 

@@ -25,12 +25,13 @@ class BatchLayout:
     max_new_tokens: int  # rollout.max_new_tokens
     fixed_accumulation: bool  # DeepSpeed: every minibatch is the same number of equal micro-batches
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by padded token count instead of rows
+    share_prompts: bool = False  # a micro-batch's rows with one prompt run it once (scoring.shared_prompt_states)
 
     @classmethod
     def derive(
         cls, prompts_per_step: int, group_size: int, world_size: int, minibatch_size: int, micro_batch_size: int,
         num_iterations: int, max_prompt_tokens: int, max_new_tokens: int, fixed_accumulation: bool,
-        max_tokens_per_micro_batch: int = 0,
+        max_tokens_per_micro_batch: int = 0, share_prompts: bool = False,
     ) -> BatchLayout:  # fmt: skip
         """Check the sizes against each other (one-line errors naming the key) and fill the defaults:
         minibatch 0 = the step's batch; a micro-batch is never larger than the minibatch."""
@@ -54,7 +55,7 @@ class BatchLayout:
         if max_prompt_tokens < 1:
             raise RlctlError(f"data.max_prompt_tokens: must be ≥ 1, got {max_prompt_tokens}")
         return cls(prompts_per_step, group_size, world_size, minibatch, micro, num_iterations, max_prompt_tokens,
-                   max_new_tokens, fixed_accumulation, max_tokens_per_micro_batch)  # fmt: skip
+                   max_new_tokens, fixed_accumulation, max_tokens_per_micro_batch, share_prompts)  # fmt: skip
 
     @property
     def samples_per_step(self) -> int:
@@ -94,6 +95,8 @@ class BatchLayout:
             (f"  micro-batches: ≤ {self.max_tokens_per_micro_batch} tokens each (rows × longest prompt + longest "
              "response), rows of like length together; as many per minibatch as that takes"),
             f"  optimiser updates per step: {self.updates_per_step}",
+            "  prompts: run once per micro-batch, its completions packed after it (optim.share_prompts)"
+            if self.share_prompts else "  prompts: run again for every completion (optim.share_prompts=false)",
             f"  largest micro-batch: ≤ {self.max_micro_batch_tokens} tokens ({self.micro_batch_size} × "
             f"({self.max_prompt_tokens} prompt + {self.max_new_tokens} new tokens))" if not self.max_tokens_per_micro_batch
             else f"  largest micro-batch: ≤ {max(self.max_tokens_per_micro_batch, self.max_prompt_tokens + self.max_new_tokens)} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.utils.checkpoint
 
@@ -58,32 +60,120 @@ def token_logprobs(
     return logp, (torch.cat(entropies).reshape(shape) if with_entropy else None)
 
 
+# Whether a model's logits are its LM head applied to its last hidden states (checked once per model).
+_HEAD_IS_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def last_states(model, input_ids, attention_mask, position_ids, keep: int):
-    """(states [B, keep, ·], head) with head(states) = the model's logits at the last ``keep`` positions.
+    """(states [B, keep, ·], head) with head(states) = the model's logits at the last ``keep`` positions
+    (``keep`` = 0: every position). ``attention_mask`` is [B, L], or [B, 1, L, L] given as is.
 
     Normally the final hidden states and the LM head, so the caller can apply the head a chunk at a
     time. The model's own logits and an identity head where the head alone is not the map: under
     ZeRO-3, or when the model changes its logits after the head (soft-capping, scaling), which shows
-    as the last position's logits differing from the head's.
+    as the last position's logits differing from the head's the first time the model is scored.
     """
     head = _separate_head(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=1 if head is not None else keep, use_cache=False,
-                output_hidden_states=head is not None)  # fmt: skip
-    if head is not None:
-        hidden = out.hidden_states[-1]
-        with torch.no_grad():
-            plain = torch.allclose(head(hidden[:, -1:]).float(), out.logits[:, -1:].float(), rtol=1e-3, atol=1e-3)
-        if plain:
-            return hidden[:, -keep:], head
+    module = getattr(model, "module", model)
+    if head is not None and _HEAD_IS_PLAIN.get(module, True):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=keep, use_cache=False)  # fmt: skip
+                    logits_to_keep=1, use_cache=False, output_hidden_states=True)  # fmt: skip
+        hidden = out.hidden_states[-1]
+        if module not in _HEAD_IS_PLAIN:
+            with torch.no_grad():
+                _HEAD_IS_PLAIN[module] = torch.allclose(
+                    head(hidden[:, -1:]).float(), out.logits[:, -1:].float(), rtol=1e-3, atol=1e-3
+                )
+        if _HEAD_IS_PLAIN[module]:
+            return hidden[:, -keep:], head
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=keep, use_cache=False)  # fmt: skip
     return out.logits, torch.nn.Identity()
+
+
+# A packed row of one prompt and its completions is at most this many times as wide as one
+# unshared row: attention's cost grows with the square of the width, the saving only linearly.
+MAX_PACK_WIDTH_FACTOR = 4
+
+
+def _mask_kind(model) -> str | None:
+    """How the model's attention takes a custom [B, 1, L, L] mask: ``bool`` (sdpa), ``additive``
+    (eager: added to the scores), or None (flash/flex kernels: no arbitrary masks, no sharing)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return {"sdpa": "bool", "eager": "additive"}.get(getattr(config, "_attn_implementation", None))
+
+
+def prompt_packs(input_ids, attention_mask, response_length: int, max_width: int) -> list[list[int]]:
+    """The rows grouped by identical prompt (its attended tokens), each group cut, in row order, into
+    packs whose prompt + completions (attended tokens) fit in ``max_width``; a pack holds ≥ 1 row."""
+    split = input_ids.shape[1] - response_length
+    prompt_mask, response_len = attention_mask[:, :split].bool(), attention_mask[:, split:].sum(1).tolist()
+    by_prompt: dict[tuple, list[int]] = {}
+    for i in range(input_ids.shape[0]):
+        by_prompt.setdefault(tuple(input_ids[i, :split][prompt_mask[i]].tolist()), []).append(i)
+    packs = []
+    for prompt, rows in by_prompt.items():
+        pack, width = [], len(prompt)
+        for i in rows:
+            if pack and width + response_len[i] > max_width:
+                packs.append(pack)
+                pack, width = [], len(prompt)
+            pack.append(i)
+            width += response_len[i]
+        packs.append(pack)
+    return packs
+
+
+def shared_prompt_states(model, input_ids, attention_mask, response_length: int, packs: list[list[int]], kind: str):
+    """The states that predict each response token, with each prompt run once per pack.
+
+    input_ids, attention_mask [B, L] (left-padded prompts, right-padded responses of T =
+    response_length) -> (states [B, T, ·], head, valid [B, T]). A pack becomes one row: the prompt's
+    p tokens at positions 0…p−1, then each completion k at positions p…p+r_k−1, under a mask that
+    lets a completion's tokens see the prompt and their own earlier tokens only. Every token thus
+    sees what it sees in its own row: the same computation, in fewer tokens. Response token t of row
+    i is predicted by the prompt's last state (t = 0) or by its own token t−1; ``valid`` marks
+    t < r_i (the states past a row's response are zeros, their scores unused).
+    """
+    split = input_ids.shape[1] - response_length
+    prompt_mask = attention_mask[:, :split].bool()
+    response_len = attention_mask[:, split:].sum(1).tolist()
+    width = max(int(prompt_mask[pack[0]].sum()) + sum(response_len[i] for i in pack) for pack in packs)
+    ids = torch.zeros((len(packs), width), dtype=torch.long)
+    positions = torch.zeros((len(packs), width), dtype=torch.long)
+    segment = torch.full((len(packs), width), -1, dtype=torch.long)  # −1 padding, 0 prompt, k completion k
+    source = torch.zeros((input_ids.shape[0], response_length), dtype=torch.long)  # flat index of each state
+    for n, pack in enumerate(packs):
+        prompt = input_ids[pack[0], :split][prompt_mask[pack[0]]]
+        p = len(prompt)
+        ids[n, :p], positions[n, :p], segment[n, :p] = prompt, torch.arange(p), 0
+        start = p
+        for k, i in enumerate(pack, start=1):
+            r = response_len[i]
+            ids[n, start : start + r] = input_ids[i, split : split + r]
+            positions[n, start : start + r] = torch.arange(p, p + r)
+            segment[n, start : start + r] = k
+            source[i, 0] = n * width + p - 1
+            source[i, 1:r] = n * width + torch.arange(start, start + r - 1)
+            start += r
+    columns = torch.arange(width)
+    causal = columns[None, :, None] >= columns[None, None, :]  # [1, query, key]
+    same = segment[:, :, None] == segment[:, None, :]
+    sees_prompt = (segment[:, None, :] == 0) & (segment[:, :, None] >= 0)
+    allowed = (causal & (same | sees_prompt)).unsqueeze(1)  # [n, 1, W, W]; padding sees padding: no empty rows
+    device = input_ids.device
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    states, head = last_states(model, ids.to(device), mask.to(device), positions.to(device), keep=0)
+    flat = states.reshape(-1, states.shape[-1])
+    valid = torch.arange(response_length)[None, :] < torch.tensor(response_len)[:, None]
+    gathered = flat[source.to(device).reshape(-1)].reshape(*source.shape, -1) * valid.to(device)[..., None]
+    return gathered, head, valid.to(device)
 
 
 def response_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
     temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, chunk_tokens: int = 1024,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """log π(y_t | x, y_<t) for the last T = response_length tokens, and the entropy of π there.
 
@@ -95,7 +185,19 @@ def response_logprobs(
     (soft-capping, scaling: the last position's logits differ from the head's) is scored from its own
     logits instead, as is a ZeRO-3 model.
     Position ids follow the attention mask, as in generation, so left padding does not shift them.
+    With ``share_prompts``, rows with the same prompt (a group's completions) run it once
+    (:func:`shared_prompt_states`; the same values, 0 past each row's response) where the model's
+    attention takes a custom mask and some prompt repeats.
     """
+    kind = _mask_kind(model) if share_prompts else None
+    if kind is not None:
+        max_width = MAX_PACK_WIDTH_FACTOR * int(attention_mask.sum(1).max())
+        packs = prompt_packs(input_ids, attention_mask, response_length, max_width)
+        if len(packs) < input_ids.shape[0]:
+            states, head, valid = shared_prompt_states(model, input_ids, attention_mask, response_length, packs, kind)
+            logp, entropy = token_logprobs(states, input_ids[:, -response_length:], head, temperature, with_entropy,
+                                           entropy_grad, chunk_tokens)  # fmt: skip
+            return logp * valid, (entropy * valid if entropy is not None else None)
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     states, head = last_states(model, input_ids, attention_mask, position_ids, response_length + 1)
     return token_logprobs(states[:, :-1], input_ids[:, -response_length:], head, temperature, with_entropy,

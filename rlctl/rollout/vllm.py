@@ -46,7 +46,7 @@ class VLLMSpec:
     """The engine settings of the ``rollout`` group (filled by field name; the hf backend ignores them)."""
 
     gpu_memory_utilization: float = 0.3
-    kv_cache_gib: float = 0.0  # 0: vLLM sizes it from gpu_memory_utilization on GPU; 2 GiB on CPU
+    kv_cache_gib: float = 0.0  # 0: vLLM sizes it from gpu_memory_utilization on GPU; from the work on CPU
     max_model_len: int = 0  # 0: data.max_prompt_tokens + max_new_tokens
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
     sleep_during_update: bool | None = None  # None: on GPU, off on CPU (vLLM has no sleep mode there)
@@ -86,19 +86,48 @@ def check_installed() -> None:
         )
 
 
+CPU_BLOCK_TOKENS = 128  # vLLM's KV-cache block on CPU: a sequence takes whole blocks
+CPU_KV_CAP_GIB = 2.0  # the CPU cache is never sized above this (vLLM queues what does not fit)
+
+
+def cpu_kv_cache_bytes(model_dir: str, precision: str, max_model_len: int, max_sequences: int) -> int:
+    """Room for ``max_sequences`` sequences of ``max_model_len`` tokens at once, at most 2 GiB:
+    tokens × layers × 2 (K and V) × KV heads × head size × bytes per value. On CPU the cache is
+    process memory taken at start; vLLM's own default (2 GiB here) is ~8× what a small run needs.
+    A model config without these sizes gets the cap."""
+    from transformers import AutoConfig
+
+    cap = int(CPU_KV_CAP_GIB * 2**30)
+    try:
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = config.num_hidden_layers
+    except (OSError, ValueError, AttributeError, TypeError):
+        return cap
+    value_bytes = 4 if precision == "no" else 2
+    tokens = max_sequences * -(-max_model_len // CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS
+    return min(tokens * layers * 2 * kv_heads * head_dim * value_bytes, cap)
+
+
 class VLLMEngine:
     """One vLLM ``LLM`` per process, shared by the training and evaluation rollouts, and the
-    version of the policy weights it holds."""
+    version of the policy weights it holds. ``max_sequences``: the most sequences one rollout asks
+    for at once (what the CPU KV cache is sized for)."""
 
-    def __init__(self, model_dir: str, spec: VLLMSpec, precision: str, max_model_len: int, seed: int):
+    def __init__(self, model_dir: str, spec: VLLMSpec, precision: str, max_model_len: int, seed: int,
+                 max_sequences: int = 64):  # fmt: skip
         check_installed()
         with _quiet_vllm():
-            self._start(model_dir, spec, precision, max_model_len, seed)
+            self._start(model_dir, spec, precision, max_model_len, seed, max_sequences)
         self.holds: tuple[int, int] | None = None  # (id of the policy, its weights_version) now in the engine
         self.awake = True
         self.sleep()
 
-    def _start(self, model_dir: str, spec: VLLMSpec, precision: str, max_model_len: int, seed: int) -> None:
+    def _start(
+        self, model_dir: str, spec: VLLMSpec, precision: str, max_model_len: int, seed: int, max_sequences: int
+    ) -> None:
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
@@ -120,9 +149,11 @@ class VLLMEngine:
             "enable_sleep_mode": self.sleeps,
             "use_tqdm_on_load": False,
         }
-        kv_gib = spec.kv_cache_gib or (0 if on_gpu else 2)
-        if kv_gib:
-            kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+        if spec.kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2**30)
+        elif not on_gpu:
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model_dir, precision, kwargs["max_model_len"],
+                                                                 max_sequences)  # fmt: skip
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             if spec.tensor_parallel_size > 1:
                 raise RlctlError(
