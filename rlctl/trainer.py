@@ -138,7 +138,10 @@ def _logprobs(s: Stages, model, batch: Batch) -> torch.Tensor:
 
 
 def _values(s: Stages, critic, batch: Batch) -> torch.Tensor:
-    return score_in_chunks(response_values, critic, batch, s.layout.micro_batch_size, s.critic.autocast,
+    def values(m, ids, mask, length):
+        return response_values(m, ids, mask, length, share_prompts=s.layout.share_prompts)
+
+    return score_in_chunks(values, critic, batch, s.layout.micro_batch_size, s.critic.autocast,
                            s.layout.max_tokens_per_micro_batch)  # fmt: skip
 
 
@@ -165,7 +168,8 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
 
     def critic_loss(micro: Batch, totals: ops.AggregationTotals):
         with s.critic.autocast():
-            values = response_values(s.critic.model, micro.input_ids, micro.attention_mask, micro.response_length)
+            values = response_values(s.critic.model, micro.input_ids, micro.attention_mask, micro.response_length,
+                                     share_prompts=s.layout.share_prompts)  # fmt: skip
         return algo.critic_loss(values, micro.values, micro.returns, micro.response_mask, totals)
 
     sums: dict[str, float] = {}

@@ -211,3 +211,25 @@ def test_sharing_prompts_scores_zero_past_each_response_and_runs_fewer_tokens(to
     # Two rows: 5 + 4 + 2 + 1 = 12 and 3 + 3 + 4 + 2 = 12 tokens, against 6 rows × 9 columns.
     assert widths == [torch.Size([2, 12])]
     assert torch.equal(logp == 0, response_mask == 0)
+
+
+def test_critic_values_after_a_shared_prompt_equal_their_rows_valued_alone_gradients_included(tokenizer):
+    from rlctl.models import load_value_model
+    from rlctl.optim.scoring import response_values
+
+    critic = load_value_model("random:tiny", tokenizer, seed=0)
+    with torch.no_grad():  # a head that reads the states (it starts at zero)
+        critic.head.weight.copy_(torch.linspace(-1, 1, critic.head.weight.numel()).reshape(critic.head.weight.shape))
+    input_ids, attention_mask, response_mask = _groups(tokenizer)
+
+    def values_and_grads(share):
+        critic.zero_grad()
+        values = response_values(critic, input_ids, attention_mask, 4, share_prompts=share) * response_mask
+        (values * torch.linspace(-1, 2, values.numel()).reshape(values.shape)).sum().backward()
+        return values.detach(), {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None}
+
+    (alone, alone_grads), (shared, shared_grads) = values_and_grads(False), values_and_grads(True)
+    torch.testing.assert_close(shared, alone, rtol=0, atol=1e-5)
+    assert shared_grads.keys() == alone_grads.keys()
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)

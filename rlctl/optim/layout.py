@@ -25,7 +25,7 @@ class BatchLayout:
     max_new_tokens: int  # rollout.max_new_tokens
     fixed_accumulation: bool  # DeepSpeed: every minibatch is the same number of equal micro-batches
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by padded token count instead of rows
-    share_prompts: bool = False  # a micro-batch's rows with one prompt run it once (scoring.shared_prompt_states)
+    share_prompts: bool = False  # a micro-batch's rows with one prompt run it once (scoring.pack_by_prompt)
 
     @classmethod
     def derive(

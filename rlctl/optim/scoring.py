@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -124,16 +125,32 @@ def prompt_packs(input_ids, attention_mask, response_length: int, max_width: int
     return packs
 
 
-def shared_prompt_states(model, input_ids, attention_mask, response_length: int, packs: list[list[int]], kind: str):
-    """The states that predict each response token, with each prompt run once per pack.
+class PromptPacking(NamedTuple):
+    """A micro-batch's rows as packs, one row per pack: [n, W] ids and positions, the [n, 1, W, W]
+    mask, and for each response token of the original [B, T] rows the flat index (into n·W) of the
+    state that predicts it, and whether the token is real (t < the row's response length)."""
 
-    input_ids, attention_mask [B, L] (left-padded prompts, right-padded responses of T =
-    response_length) -> (states [B, T, ·], head, valid [B, T]). A pack becomes one row: the prompt's
-    p tokens at positions 0…p−1, then each completion k at positions p…p+r_k−1, under a mask that
-    lets a completion's tokens see the prompt and their own earlier tokens only. Every token thus
-    sees what it sees in its own row: the same computation, in fewer tokens. Response token t of row
-    i is predicted by the prompt's last state (t = 0) or by its own token t−1; ``valid`` marks
-    t < r_i (the states past a row's response are zeros, their scores unused).
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    source: torch.Tensor  # [B, T] long
+    valid: torch.Tensor  # [B, T] bool
+
+    def gather(self, states: torch.Tensor) -> torch.Tensor:
+        """[n, W, ...] per packed token -> [B, T, ...] per response token (zeros where not valid)."""
+        flat = states.reshape(-1, *states.shape[2:])
+        picked = flat[self.source.reshape(-1)].reshape(*self.source.shape, *states.shape[2:])
+        return picked * self.valid.reshape(*self.valid.shape, *([1] * (states.ndim - 2)))
+
+
+def pack_by_prompt(input_ids, attention_mask, response_length: int, packs: list[list[int]], kind: str) -> PromptPacking:
+    """Each pack of rows with one prompt as one row: the prompt's p tokens at positions 0…p−1, then
+    each completion k at positions p…p+r_k−1, under a mask that lets a completion's tokens see the
+    prompt and their own earlier tokens only. Every token thus sees what it sees in its own row: the
+    same computation, in fewer tokens. Response token t of row i is predicted by the prompt's last
+    state (t = 0) or by its own token t−1.
+
+    input_ids, attention_mask [B, L]: left-padded prompts, right-padded responses of T = response_length.
     """
     split = input_ids.shape[1] - response_length
     prompt_mask = attention_mask[:, :split].bool()
@@ -142,7 +159,7 @@ def shared_prompt_states(model, input_ids, attention_mask, response_length: int,
     ids = torch.zeros((len(packs), width), dtype=torch.long)
     positions = torch.zeros((len(packs), width), dtype=torch.long)
     segment = torch.full((len(packs), width), -1, dtype=torch.long)  # −1 padding, 0 prompt, k completion k
-    source = torch.zeros((input_ids.shape[0], response_length), dtype=torch.long)  # flat index of each state
+    source = torch.zeros((input_ids.shape[0], response_length), dtype=torch.long)
     for n, pack in enumerate(packs):
         prompt = input_ids[pack[0], :split][prompt_mask[pack[0]]]
         p = len(prompt)
@@ -161,13 +178,23 @@ def shared_prompt_states(model, input_ids, attention_mask, response_length: int,
     same = segment[:, :, None] == segment[:, None, :]
     sees_prompt = (segment[:, None, :] == 0) & (segment[:, :, None] >= 0)
     allowed = (causal & (same | sees_prompt)).unsqueeze(1)  # [n, 1, W, W]; padding sees padding: no empty rows
-    device = input_ids.device
     mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    states, head = last_states(model, ids.to(device), mask.to(device), positions.to(device), keep=0)
-    flat = states.reshape(-1, states.shape[-1])
     valid = torch.arange(response_length)[None, :] < torch.tensor(response_len)[:, None]
-    gathered = flat[source.to(device).reshape(-1)].reshape(*source.shape, -1) * valid.to(device)[..., None]
-    return gathered, head, valid.to(device)
+    device = input_ids.device
+    return PromptPacking(ids.to(device), mask.to(device), positions.to(device), source.to(device), valid.to(device))
+
+
+def packing_for(model, input_ids, attention_mask, response_length: int) -> PromptPacking | None:
+    """The rows packed by prompt where the model takes a custom mask and some prompt repeats, else None.
+    A pack is at most ``MAX_PACK_WIDTH_FACTOR`` times the longest row's attended tokens."""
+    kind = _mask_kind(model)
+    if kind is None:
+        return None
+    max_width = MAX_PACK_WIDTH_FACTOR * int(attention_mask.sum(1).max())
+    packs = prompt_packs(input_ids, attention_mask, response_length, max_width)
+    if len(packs) == input_ids.shape[0]:
+        return None
+    return pack_by_prompt(input_ids, attention_mask, response_length, packs, kind)
 
 
 def response_logprobs(
@@ -186,18 +213,15 @@ def response_logprobs(
     logits instead, as is a ZeRO-3 model.
     Position ids follow the attention mask, as in generation, so left padding does not shift them.
     With ``share_prompts``, rows with the same prompt (a group's completions) run it once
-    (:func:`shared_prompt_states`; the same values, 0 past each row's response) where the model's
+    (:func:`pack_by_prompt`; the same values, 0 past each row's response) where the model's
     attention takes a custom mask and some prompt repeats.
     """
-    kind = _mask_kind(model) if share_prompts else None
-    if kind is not None:
-        max_width = MAX_PACK_WIDTH_FACTOR * int(attention_mask.sum(1).max())
-        packs = prompt_packs(input_ids, attention_mask, response_length, max_width)
-        if len(packs) < input_ids.shape[0]:
-            states, head, valid = shared_prompt_states(model, input_ids, attention_mask, response_length, packs, kind)
-            logp, entropy = token_logprobs(states, input_ids[:, -response_length:], head, temperature, with_entropy,
-                                           entropy_grad, chunk_tokens)  # fmt: skip
-            return logp * valid, (entropy * valid if entropy is not None else None)
+    packing = packing_for(model, input_ids, attention_mask, response_length) if share_prompts else None
+    if packing is not None:
+        states, head = last_states(model, packing.input_ids, packing.attention_mask, packing.position_ids, keep=0)
+        logp, entropy = token_logprobs(packing.gather(states), input_ids[:, -response_length:], head, temperature,
+                                       with_entropy, entropy_grad, chunk_tokens)  # fmt: skip
+        return logp * packing.valid, (entropy * packing.valid if entropy is not None else None)
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     states, head = last_states(model, input_ids, attention_mask, position_ids, response_length + 1)
     return token_logprobs(states[:, :-1], input_ids[:, -response_length:], head, temperature, with_entropy,
@@ -205,10 +229,14 @@ def response_logprobs(
 
 
 def response_values(
-    critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+    critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int, share_prompts: bool = False
 ) -> torch.Tensor:
     """V(s_t) for each response token t, where s_t is the prompt and y_<t: the critic's output at
-    the position that predicts y_t (the same positions as the log-probs). [B, L] -> [B, T]."""
+    the position that predicts y_t (the same positions as the log-probs). [B, L] -> [B, T].
+    With ``share_prompts`` rows with one prompt run it once, as in :func:`response_logprobs`."""
+    packing = packing_for(critic, input_ids, attention_mask, response_length) if share_prompts else None
+    if packing is not None:
+        return packing.gather(critic(packing.input_ids, packing.attention_mask, packing.position_ids))
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     values = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return values[:, -response_length - 1 : -1]
