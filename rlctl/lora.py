@@ -145,6 +145,11 @@ class AdapterDisabled(torch.nn.Module):
         super().__init__()
         self._adapted = (adapted,)  # a tuple: the policy's weights are not this module's own parameters
 
+    @property
+    def config(self):
+        """The model's config (its attention kind decides how scoring may pack rows)."""
+        return self._adapted[0].config
+
     def forward(self, **inputs):
         model = self._adapted[0]
         with adapter_disabled(model):

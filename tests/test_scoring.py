@@ -233,3 +233,23 @@ def test_critic_values_after_a_shared_prompt_equal_their_rows_valued_alone_gradi
     assert shared_grads.keys() == alone_grads.keys()
     for name, grad in alone_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_a_lora_policys_reference_scores_shared_prompts_from_its_own_logits_like_rows_alone(tokenizer):
+    from rlctl.lora import AdapterDisabled, LoraSpec, add_adapter
+
+    base = load_causal_lm("random:tiny", tokenizer, seed=0)
+    input_ids, attention_mask, response_mask = _groups(tokenizer)
+    with torch.no_grad():
+        expected, _ = response_logprobs(base, input_ids, attention_mask, 4)
+    policy = add_adapter(load_causal_lm("random:tiny", tokenizer, seed=0),
+                         LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"]))  # fmt: skip
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)  # the adapted policy differs from the base
+        reference = AdapterDisabled(policy)
+        shared, _ = response_logprobs(reference, input_ids, attention_mask, 4, share_prompts=True)
+        adapted, _ = response_logprobs(policy, input_ids, attention_mask, 4, share_prompts=True)
+    torch.testing.assert_close(shared * response_mask, expected * response_mask, rtol=0, atol=1e-5)
+    assert not torch.allclose(adapted * response_mask, expected * response_mask, atol=1e-3)

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 import torch.utils.checkpoint
 
+from rlctl.optim.update import row_groups, row_lengths
+
 
 def _separate_head(model):
     """The LM head to apply to the last hidden states, or None where the model's own logits must be
@@ -133,11 +135,13 @@ class PromptPacking(NamedTuple):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    source: torch.Tensor  # [B, T] long
+    source: torch.Tensor  # [B, T] long: index into the [n, keep] states, flattened
     valid: torch.Tensor  # [B, T] bool
+    keep: int  # the last ``keep`` columns hold every predicting state (no pack's prompt before them is needed)
 
     def gather(self, states: torch.Tensor) -> torch.Tensor:
-        """[n, W, ...] per packed token -> [B, T, ...] per response token (zeros where not valid)."""
+        """[n, keep, ...] per packed token (the last ``keep`` columns) -> [B, T, ...] per response
+        token (zeros where not valid)."""
         flat = states.reshape(-1, *states.shape[2:])
         picked = flat[self.source.reshape(-1)].reshape(*self.source.shape, *states.shape[2:])
         return picked * self.valid.reshape(*self.valid.shape, *([1] * (states.ndim - 2)))
@@ -159,6 +163,8 @@ def pack_by_prompt(input_ids, attention_mask, response_length: int, packs: list[
     ids = torch.zeros((len(packs), width), dtype=torch.long)
     positions = torch.zeros((len(packs), width), dtype=torch.long)
     segment = torch.full((len(packs), width), -1, dtype=torch.long)  # −1 padding, 0 prompt, k completion k
+    first = min(int(prompt_mask[pack[0]].sum()) for pack in packs) - 1  # the earliest predicting state's column
+    keep = width - first
     source = torch.zeros((input_ids.shape[0], response_length), dtype=torch.long)
     for n, pack in enumerate(packs):
         prompt = input_ids[pack[0], :split][prompt_mask[pack[0]]]
@@ -170,8 +176,8 @@ def pack_by_prompt(input_ids, attention_mask, response_length: int, packs: list[
             ids[n, start : start + r] = input_ids[i, split : split + r]
             positions[n, start : start + r] = torch.arange(p, p + r)
             segment[n, start : start + r] = k
-            source[i, 0] = n * width + p - 1
-            source[i, 1:r] = n * width + torch.arange(start, start + r - 1)
+            source[i, 0] = n * keep + p - 1 - first
+            source[i, 1:r] = n * keep + torch.arange(start, start + r - 1) - first
             start += r
     columns = torch.arange(width)
     causal = columns[None, :, None] >= columns[None, None, :]  # [1, query, key]
@@ -181,7 +187,7 @@ def pack_by_prompt(input_ids, attention_mask, response_length: int, packs: list[
     mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     valid = torch.arange(response_length)[None, :] < torch.tensor(response_len)[:, None]
     device = input_ids.device
-    return PromptPacking(ids.to(device), mask.to(device), positions.to(device), source.to(device), valid.to(device))
+    return PromptPacking(ids.to(device), mask.to(device), positions.to(device), source.to(device), valid.to(device), keep)
 
 
 def packing_for(model, input_ids, attention_mask, response_length: int) -> PromptPacking | None:
@@ -218,7 +224,7 @@ def response_logprobs(
     """
     packing = packing_for(model, input_ids, attention_mask, response_length) if share_prompts else None
     if packing is not None:
-        states, head = last_states(model, packing.input_ids, packing.attention_mask, packing.position_ids, keep=0)
+        states, head = last_states(model, packing.input_ids, packing.attention_mask, packing.position_ids, packing.keep)
         logp, entropy = token_logprobs(packing.gather(states), input_ids[:, -response_length:], head, temperature,
                                        with_entropy, entropy_grad, chunk_tokens)  # fmt: skip
         return logp * packing.valid, (entropy * packing.valid if entropy is not None else None)
@@ -236,7 +242,7 @@ def response_values(
     With ``share_prompts`` rows with one prompt run it once, as in :func:`response_logprobs`."""
     packing = packing_for(critic, input_ids, attention_mask, response_length) if share_prompts else None
     if packing is not None:
-        return packing.gather(critic(packing.input_ids, packing.attention_mask, packing.position_ids))
+        return packing.gather(critic(packing.input_ids, packing.attention_mask, packing.position_ids)[:, -packing.keep :])
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     values = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return values[:, -response_length - 1 : -1]
@@ -247,8 +253,6 @@ def score_in_chunks(fn, model, batch, chunk_size: int, autocast, max_tokens: int
     (``chunk_size`` rows, or ``max_tokens`` padded tokens each, trimmed of common padding), without
     gradients, under ``autocast``; each micro-batch's [b, T'] result put back in its rows of [B, T]
     (0 past T', which is padding)."""
-    from rlctl.optim.update import row_groups, row_lengths
-
     out = None
     with torch.no_grad():
         for group in row_groups(row_lengths(batch), chunk_size, max_tokens):

@@ -23,11 +23,13 @@ LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 def minibatches(batch: Batch, layout: BatchLayout) -> Iterator[Batch]:
     """``num_iterations`` passes, each over the step's samples in a fresh random order, cut into
-    minibatches of ``layout.minibatch_size`` rows."""
+    minibatches of ``layout.minibatch_size`` rows. Inside a minibatch the rows keep the batch's
+    order (its loss does not depend on it), so a group's completions stay next to each other and
+    share their prompt's forward pass in a micro-batch."""
     for _ in range(layout.num_iterations):
         order = torch.randperm(batch.size)
         for start in range(0, batch.size, layout.minibatch_size):
-            yield batch.rows(order[start : start + layout.minibatch_size])
+            yield batch.rows(order[start : start + layout.minibatch_size].sort().values)
 
 
 def row_groups(lengths: list[tuple[int, int]], size: int, max_tokens: int = 0) -> list[list[int]]:
@@ -53,7 +55,8 @@ def row_groups(lengths: list[tuple[int, int]], size: int, max_tokens: int = 0) -
             prompt, response = wider
         if current:
             groups.append(current)
-    wanted = int(max_over_ranks(float(len(groups))))
+    # Fixed-size groups are as many on every rank (its rows are); only budgets need agreeing on.
+    wanted = int(max_over_ranks(float(len(groups)))) if max_tokens > 0 else len(groups)
     while len(groups) < wanted:  # rows per rank are equal, so there are enough rows to split
         largest = max(range(len(groups)), key=lambda g: len(groups[g]))
         group = groups.pop(largest)
