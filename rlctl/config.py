@@ -159,7 +159,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up, in optimiser updates
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
     minibatch_size: int = 0  # samples per optimiser update, per process (0 = the step's whole batch)
-    micro_batch_size: int = 32  # samples per forward/backward (gradient accumulation inside a minibatch)
+    micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation inside a minibatch); the update's activations scale with it
     # train: tokens per forward/backward, rows × (longest prompt + longest response); rows of like length grouped (0 = micro_batch_size rows)
     max_tokens_per_micro_batch: int = 0
     # train: a group's completions are scored after one copy of their prompt (same values, fewer tokens; sdpa/eager attention)

@@ -31,7 +31,7 @@ class OptimSpec:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # 0 = no clipping
     minibatch_size: int = 0  # samples per optimiser update (0 = the step's batch); read by the batch layout
-    micro_batch_size: int = 32  # samples per forward/backward; read by the batch layout
+    micro_batch_size: int = 8  # samples per forward/backward; read by the batch layout
     max_tokens_per_micro_batch: int = 0  # padded tokens per forward/backward (0 = by rows); read by the batch layout
     share_prompts: bool = True  # completions scored after one copy of their prompt; read by the batch layout
     total_updates: int = 1
