@@ -158,18 +158,18 @@ def pack_by_prompt(input_ids, attention_mask, response_length: int, packs: list[
     """
     split = input_ids.shape[1] - response_length
     prompt_mask = attention_mask[:, :split].bool()
-    response_len = attention_mask[:, split:].sum(1).tolist()
-    width = max(int(prompt_mask[pack[0]].sum()) + sum(response_len[i] for i in pack) for pack in packs)
+    prompt_len, response_len = prompt_mask.sum(1).tolist(), attention_mask[:, split:].sum(1).tolist()
+    width = max(prompt_len[pack[0]] + sum(response_len[i] for i in pack) for pack in packs)
     ids = torch.zeros((len(packs), width), dtype=torch.long)
     positions = torch.zeros((len(packs), width), dtype=torch.long)
     segment = torch.full((len(packs), width), -1, dtype=torch.long)  # −1 padding, 0 prompt, k completion k
-    first = min(int(prompt_mask[pack[0]].sum()) for pack in packs) - 1  # the earliest predicting state's column
+    first = min(prompt_len[pack[0]] for pack in packs) - 1  # the earliest predicting state's column
     keep = width - first
     source = torch.zeros((input_ids.shape[0], response_length), dtype=torch.long)
     for n, pack in enumerate(packs):
-        prompt = input_ids[pack[0], :split][prompt_mask[pack[0]]]
-        p = len(prompt)
-        ids[n, :p], positions[n, :p], segment[n, :p] = prompt, torch.arange(p), 0
+        p = prompt_len[pack[0]]
+        ids[n, :p] = input_ids[pack[0], :split][prompt_mask[pack[0]]]
+        positions[n, :p], segment[n, :p] = torch.arange(p), 0
         start = p
         for k, i in enumerate(pack, start=1):
             r = response_len[i]
