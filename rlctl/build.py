@@ -37,6 +37,7 @@ from rlctl.optim.engine import (
     frozen_for_inference,
     make_accelerator,
 )
+from rlctl.memory import apply_allocator_setting
 from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
@@ -51,6 +52,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def prepare_process(engine_cfg: DictConfig) -> None:
+    """What the ``engine`` group sets for the whole training process: the seeds, and whether freed
+    memory stays in the process for reuse (``rlctl.memory``)."""
+    seed_everything(engine_cfg.seed)
+    apply_allocator_setting(engine_cfg.keep_freed_memory, on_gpu=torch.cuda.is_available())
 
 
 @dataclass(frozen=True)
@@ -401,7 +409,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     """Everything the loop needs, in the order a failure is cheapest: every config check, data, then models."""
     settings = read_train_settings(cfg)
     algo, layout, ranks, zero = settings.algo, settings.layout, settings.ranks, settings.zero
-    seed_everything(cfg.engine.seed)
+    prepare_process(cfg.engine)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(cfg.resume, run_dir)
     config = flat_config(cfg) if isinstance(cfg, DictConfig) else None  # what the checkpoints record

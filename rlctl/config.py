@@ -172,6 +172,9 @@ class EngineConfig:
     # (a bf16 GPU, a CPU with AMX or AVX512-BF16), else no (elsewhere bf16 autocast runs ~5x slower than fp32)
     precision: str = "${rlctl_native_precision:}"
     seed: int = 0  # seeds python, numpy and torch
+    # glibc keeps freed memory for reuse instead of unmapping large blocks, which come back as fresh
+    # pages to fault in every micro-batch (rlctl/memory.py); None: on when training on the CPU
+    keep_freed_memory: bool | None = None
 
 
 @dataclass

@@ -230,11 +230,11 @@ def _held_out_problems(data: PreferenceSpec) -> list[Example]:
 
 def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     """Config -> the DPO run: every check, the pairs, the policy, then the reference log-probs."""
-    from rlctl.build import seed_everything
+    from rlctl.build import prepare_process
 
     ranks = launched_ranks()
     settings, eval_spec, spec, data, optim, zero, micro = read_dpo_settings(cfg, ranks)
-    seed_everything(cfg.engine.seed)
+    prepare_process(cfg.engine)
     train_pairs, held_out_pairs = load_pairs(data)  # data errors come before any model loads
     resume_from, config = open_run_folder(cfg, run_dir, ranks)
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)

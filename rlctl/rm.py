@@ -182,11 +182,11 @@ def read_rm_settings(cfg: DictConfig, ranks: Ranks):
 
 def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     """Config -> the reward-model run: every check, the pairs, then the model."""
-    from rlctl.build import seed_everything
+    from rlctl.build import prepare_process
 
     ranks = launched_ranks()
     settings, data, optim, zero, micro = read_rm_settings(cfg, ranks)
-    seed_everything(cfg.engine.seed)
+    prepare_process(cfg.engine)
     train_pairs, held_out_pairs = load_pairs(data)  # data errors come before any model loads
     resume_from, config = open_run_folder(cfg, run_dir, ranks)
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)

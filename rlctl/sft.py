@@ -164,11 +164,11 @@ def read_sft_settings(cfg: DictConfig, ranks: Ranks):
 
 def build_sft(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     """Config -> the SFT run: every check, the demonstrations, then the model."""
-    from rlctl.build import build_rewards, seed_everything
+    from rlctl.build import build_rewards, prepare_process
 
     ranks = launched_ranks()
     settings, eval_spec, source, fmt, demo, optim, zero, micro = read_sft_settings(cfg, ranks)
-    seed_everything(cfg.engine.seed)
+    prepare_process(cfg.engine)
     train_demos, held_out_demos = load_demonstrations(source, fmt, demo)  # data errors come before any model loads
     resume_from, config = open_run_folder(cfg, run_dir, ranks)
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
