@@ -27,6 +27,7 @@ from rlctl.errors import RlctlError, check_fields
 from rlctl.evaluate import EvalSpec, Evaluator
 from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, WandbSink
 from rlctl.lora import AdapterDisabled, LoraSpec, add_adapter, load_adapter
+from rlctl.memory import apply_allocator_setting
 from rlctl.optim.engine import (
     PRECISIONS,
     DeepSpeedEngine,
@@ -37,7 +38,6 @@ from rlctl.optim.engine import (
     frozen_for_inference,
     make_accelerator,
 )
-from rlctl.memory import apply_allocator_setting
 from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec

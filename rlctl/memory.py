@@ -26,7 +26,7 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # only glibc has it; musl's mallopt takes nothing we set
+        _ = libc.gnu_get_libc_version  # only glibc has it; musl's mallopt takes nothing we set
         return libc
     except (OSError, AttributeError):
         return None

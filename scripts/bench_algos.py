@@ -12,41 +12,22 @@ after the first (the first pays one-off costs).
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
+
+from bench_common import peak_rss_mb, run_train_steps
 
 ALGOS = ("ppo", "grpo")
 
 
 def child(overrides: list[str]) -> None:
     """Build and run the steps in this process, print {"peak_rss_mb", "step_s", ...} as JSON."""
-    import tempfile
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from rlctl.build import build_train
-    from rlctl.cli import CONF_DIR
-    from rlctl.config import register_schemas
-    from rlctl.trainer import TrainState, train_step
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("train", overrides=["logger.console=false", "eval.enabled=false", "save_final=false", *overrides])
-    stages = build_train(cfg, Path(tempfile.mkdtemp(prefix="rlctl-bench-")))
-    state = TrainState(kl_coef=stages.algo.kl_coef)
-    times = []
-    for _ in range(cfg.steps):
-        state.step += 1
-        start = time.perf_counter()
-        train_step(stages, state)
-        times.append(time.perf_counter() - start)
+    stages, cfg, rows = run_train_steps(overrides)
+    times = [r["step_s"] for r in rows]
     steady = times[1:] or times
     print(json.dumps({
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "peak_rss_mb": peak_rss_mb(),
         "step_s": statistics.median(steady),
         "first_step_s": times[0],
         "critic": stages.critic is not None,

@@ -18,7 +18,6 @@ sizes; precision follows ``engine.precision`` (bf16 or fp32).
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,40 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import peak_rss_mb, run_train_steps
+
 WORK = ["data.digits=2", "prompts_per_step=8", "algo.group_size=4", "rollout.max_new_tokens=32",
         "algo.kl_coef=0.04", "steps=5"]  # fmt: skip
 VARIANTS = {"full fine-tuning": ["model.lora.r=0"], "LoRA r = 16": ["model.lora.r=16", "optim.lr=1e-4"]}
 TIMES = ("time/rollout_s", "time/ref_s", "time/update_s")
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def rlctl_child(overrides: list[str]) -> None:
     """Build and run the steps in this process; print {"step_s", breakdown, "peak_rss_mb", padding} as JSON."""
-    from hydra import compose, initialize_config_dir
-
-    from rlctl.build import build_train
-    from rlctl.cli import CONF_DIR
-    from rlctl.config import register_schemas
-    from rlctl.trainer import TrainState, train_step
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("train", overrides=["logger.console=false", "eval.enabled=false", "save_final=false", *overrides])
-    stages = build_train(cfg, Path(tempfile.mkdtemp(prefix="rlctl-bench-")))
-    state = TrainState(kl_coef=stages.algo.kl_coef)
-    rows = []
-    for _ in range(cfg.steps):
-        state.step += 1
-        start = time.perf_counter()
-        metrics = train_step(stages, state)
-        rows.append({"step_s": time.perf_counter() - start, **metrics})
+    stages, cfg, rows = run_train_steps(overrides)
     steady = rows[1:] or rows
     median = {key: statistics.median(r.get(key, 0.0) for r in steady) for key in ("step_s", *TIMES)}
     print(json.dumps({
-        **median, "peak_rss_mb": rss_mb(),
+        **median, "peak_rss_mb": peak_rss_mb(),
         "padding_fixed": statistics.mean(r["batch/padding_frac_fixed"] for r in rows),
         "padding": statistics.mean(r["batch/padding_frac"] for r in rows),
         "trainable_params": sum(p.numel() for p in stages.policy.unwrapped().parameters() if p.requires_grad),
@@ -101,7 +81,7 @@ def trl_child(model_dir: str, prompts_file: str, bf16: bool) -> None:
                           callbacks=[StepTimer()])  # fmt: skip
     trainer.train()
     steady = step_times[1:] or step_times
-    print(json.dumps({"step_s": statistics.median(steady), "peak_rss_mb": rss_mb()}))
+    print(json.dumps({"step_s": statistics.median(steady), "peak_rss_mb": peak_rss_mb()}))
 
 
 def run(command: list[str]) -> dict:
