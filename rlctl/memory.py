@@ -12,7 +12,6 @@ raises peak RSS a little where the work's peak is early and brief.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -24,12 +23,10 @@ def _glibc():
     """The process's glibc, or None elsewhere (macOS, musl, Windows)."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _ = libc.gnu_get_libc_version  # only glibc has it; musl's mallopt takes nothing we set
-        return libc
-    except (OSError, AttributeError):
+    process = ctypes.CDLL(None)  # the symbols already loaded: the allocator this process really uses
+    if not hasattr(process, "gnu_get_libc_version"):  # only glibc has it; musl's mallopt takes nothing we set
         return None
+    return process
 
 
 def keep_freed_memory() -> bool:
