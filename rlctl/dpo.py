@@ -51,6 +51,7 @@ class DPOSpec:
     loss_type: str
     label_smoothing: float
     nll_coef: float
+    ipo_length_normalised: bool = False
 
     def __post_init__(self) -> None:
         checks = (("beta", self.beta > 0, "must be > 0"),
@@ -58,6 +59,8 @@ class DPOSpec:
                   ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
                   ("label_smoothing", self.loss_type == "sigmoid" or self.label_smoothing == 0,
                    "applies to loss_type=sigmoid only; leave it at 0 for ipo"),
+                  ("ipo_length_normalised", self.loss_type == "ipo" or not self.ipo_length_normalised,
+                   "applies to loss_type=ipo only; leave it false for sigmoid"),
                   ("nll_coef", self.nll_coef >= 0, "must be >= 0"))  # fmt: skip
         check_fields(self, checks)
 
@@ -158,6 +161,7 @@ class PreferenceObjective:
         return (f"dpo: {self.model_name}, {len(self.train)} training pairs, {len(self.held_out)} held-out; "
                 f"loss {self.spec.loss_type}, β {self.spec.beta:g}"
                 + (f", label smoothing {self.spec.label_smoothing:g}" if self.spec.label_smoothing else "")
+                + (", log-ratios per token" if self.spec.ipo_length_normalised else "")
                 + (f", chosen NLL × {self.spec.nll_coef:g}" if self.spec.nll_coef else ""))  # fmt: skip
 
     def batch(self, index: list[int]) -> PairRows:
@@ -173,7 +177,8 @@ class PreferenceObjective:
             chosen, rejected = both[: micro.size], both[micro.size :]
             loss, stats = dpo_loss(chosen, rejected, micro.ref_chosen, micro.ref_rejected, self.spec.beta,
                                    self.spec.loss_type, self.spec.label_smoothing, self.spec.nll_coef,
-                                   tokens[: micro.size])  # fmt: skip
+                                   tokens[: micro.size], self.spec.ipo_length_normalised,
+                                   tokens[micro.size :])  # fmt: skip
             loss = loss / total_pairs  # this micro-batch's share of the step's mean
             return loss, {"loss/dpo": loss.detach(), **stats, "dpo/logp_chosen": chosen.detach().mean(),
                           "dpo/logp_rejected": rejected.detach().mean()}  # fmt: skip
@@ -212,7 +217,7 @@ def read_dpo_settings(cfg: DictConfig, ranks: Ranks):
                                eval_enabled=eval_spec.enabled, eval_every=eval_spec.every)  # fmt: skip
     try:
         spec = DPOSpec(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                       nll_coef=cfg.nll_coef)  # fmt: skip
+                       nll_coef=cfg.nll_coef, ipo_length_normalised=cfg.ipo_length_normalised)  # fmt: skip
     except ValueError as err:
         raise RlctlError(str(err)) from None
     optim, zero, micro = read_engine_settings(cfg, "dpo", "pairs_per_step", ranks)

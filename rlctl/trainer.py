@@ -27,7 +27,7 @@ from rlctl.checkpoint import (
     save_resumable,
 )
 from rlctl.data import PromptSampler, PromptSet
-from rlctl.distributed import Ranks, mean_over_ranks
+from rlctl.distributed import Ranks, mean_over_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator, evaluate_and_log
 from rlctl.logging import Loggers, Timer
@@ -96,7 +96,8 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
         batch.scores, batch.response_mask, batch.step_rewards, old_logp, ref_logp, state.kl_coef, batch.length_penalty
     )
     advantages, returns = algo.advantages(
-        AdvantageInputs(batch.scores, batch.response_mask, algo.group_size, token_rewards=token_rewards, values=values)
+        AdvantageInputs(batch.scores, batch.response_mask, algo.group_size, token_rewards=token_rewards, values=values,
+                        sum_over_ranks=sum_over_ranks)  # fmt: skip
     )
     batch = batch.with_(token_rewards=token_rewards, advantages=advantages, returns=returns)
 

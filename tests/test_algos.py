@@ -100,6 +100,49 @@ def test_grpo_gives_zero_advantage_to_a_group_with_equal_rewards():
     assert a[:2].tolist() == [0.0, 0.0]
 
 
+def test_grpo_batch_std_divides_every_group_by_the_std_of_the_whole_step():
+    # TRL's scale_rewards="batch". Two groups [1, 0] and [1, 1]: group means 0.5 and 1, so the centred
+    # rewards are [0.5, −0.5, 0, 0]. The batch [1, 0, 1, 1]: mean 0.75, squared deviations
+    # 0.0625·3 + 0.5625 = 0.75, unbiased variance 0.75 / 3 = 0.25, std 0.5 -> advantages [1, −1, 0, 0].
+    # (With the group's own std, sqrt(0.5) = 0.7071, the first group would get ±0.7071.)
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    a = advantages.grpo(scores, group_size=2, eps=0.0, std_scope="batch")
+    assert a.tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0], abs=1e-7)
+    assert advantages.grpo(scores, 2).tolist() == pytest.approx([0.70711, -0.70711, 0, 0], abs=1e-5)
+    # TRL adds 1e-4 to the std: 0.5 / (0.5 + 1e-4) = 0.99980.
+    assert advantages.grpo(scores, 2, eps=1e-4, std_scope="batch")[0].item() == pytest.approx(0.5 / 0.5001, rel=1e-6)
+    # Without std scaling (Dr.GRPO) the scope does not matter.
+    assert advantages.grpo(scores, 2, scale_by_std=False, std_scope="batch").tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_grpo_batch_std_over_two_ranks_equals_one_rank_on_the_whole_batch():
+    # Rank 0 holds group [1, 0], rank 1 group [1, 1]; summing n, Σr, Σr² over both ranks must give each
+    # rank the std of all four scores (0.5 above), not its own (0.7071 on rank 0, 0 on rank 1).
+    rank0, rank1 = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+
+    def both_ranks(sums):  # what an all-reduce of these sums over the two ranks returns
+        other = rank1 if sums[0] == 2 and sums[1] == 1.0 else rank0
+        return [a + b for a, b in zip(sums, [2.0, float(other.sum()), float((other**2).sum())])]
+
+    whole = advantages.grpo(torch.cat([rank0, rank1]), 2, eps=0.0, std_scope="batch")
+    split = torch.cat([advantages.grpo(r, 2, eps=0.0, std_scope="batch", sum_over_ranks=both_ranks) for r in (rank0, rank1)])
+    assert split.tolist() == pytest.approx(whole.tolist(), abs=1e-7)
+    algo = Algorithm(std_scope="batch", group_size=2)
+    assert algo.advantages(AdvantageInputs(rank0, torch.ones(2, 1), 2, sum_over_ranks=both_ranks))[0].tolist() == (
+        pytest.approx([1.0, -1.0], abs=1e-5)
+    )
+    with pytest.raises(ValueError, match=r"std_scope: unknown value 'global'; known: \['group', 'batch'\]"):
+        Algorithm(std_scope="global")
+
+
+def test_grpo_std_eps_matters_when_a_group_barely_varies():
+    # Group [0, 0.001]: centred ±0.0005, std 0.0005·sqrt(2) = 7.0711e-4. eps 1e-6 -> ±0.70611;
+    # TRL's 1e-4 -> 0.0005 / 8.0711e-4 = ±0.61950: 12 % smaller, from one constant.
+    scores = torch.tensor([0.0, 0.001])
+    assert advantages.grpo(scores, 2, eps=1e-6)[1].item() == pytest.approx(0.0005 / (7.0711e-4 + 1e-6), rel=1e-4)
+    assert advantages.grpo(scores, 2, eps=1e-4)[1].item() == pytest.approx(0.0005 / (7.0711e-4 + 1e-4), rel=1e-4)
+
+
 def test_dr_grpo_only_centres_the_rewards():
     a = advantages.grpo(torch.tensor([3.0, 1.0]), group_size=2, scale_by_std=False)
     assert a.tolist() == [1.0, -1.0]

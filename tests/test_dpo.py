@@ -75,6 +75,21 @@ def test_ipo_regresses_the_gap_to_one_over_two_beta():
     assert float(past.detach()) == pytest.approx(4.0) and float(logp_c.grad) == pytest.approx(4.0)
 
 
+def test_ipo_length_normalised_divides_each_log_ratio_by_its_reply_length():
+    # Chosen: log-ratio −1 − (−3) = 2 over 4 tokens; rejected: −6 − (−5) = −1 over 2 tokens.
+    # Summed (the paper's form): h = 2 − (−1) = 3; β = 0.5 -> (3 − 1)² = 4.
+    # Per token (TRL's IPO): h = 2/4 − (−1/2) = 1 -> (1 − 1)² = 0.
+    args = (torch.tensor([-1.0]), torch.tensor([-6.0]), torch.tensor([-3.0]), torch.tensor([-5.0]))
+    counts = {"chosen_tokens": torch.tensor([4.0]), "rejected_tokens": torch.tensor([2.0])}
+    summed, stats = dpo_loss(*args, beta=0.5, loss_type="ipo", **counts)
+    per_token, same_stats = dpo_loss(*args, beta=0.5, loss_type="ipo", length_normalised=True, **counts)
+    assert float(summed) == pytest.approx(4.0) and float(per_token) == pytest.approx(0.0)
+    # The implicit rewards are β·(summed log-ratio) either way: 0.5·2 = 1 and 0.5·(−1) = −0.5.
+    assert float(stats["dpo/reward_margin"]) == float(same_stats["dpo/reward_margin"]) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="token counts"):
+        dpo_loss(*args, beta=0.5, loss_type="ipo", length_normalised=True)
+
+
 def test_at_the_reference_every_pair_costs_log_two():
     # Before any update π = π_ref, so h = 0 and each pair's loss is −log σ(0) = log 2, whatever β.
     logp = torch.tensor([-3.0, -7.0, -0.5])
@@ -160,6 +175,7 @@ def test_dpo_resumes_with_the_saved_reference(dpo_run):
         (["loss_type=kto"], "loss_type: must be one of ['ipo', 'sigmoid']"),
         (["beta=0"], "beta: must be > 0"),
         (["loss_type=ipo", "label_smoothing=0.1"], "label_smoothing: applies to loss_type=sigmoid only"),
+        (["ipo_length_normalised=true"], "ipo_length_normalised: applies to loss_type=ipo only"),
         (["optim.minibatch_size=4"], "optim.minibatch_size: rlctl dpo makes one update"),
         (["data.source=jsonl"], "data.path: the jsonl source needs a file of preference pairs"),
     ],

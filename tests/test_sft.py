@@ -12,7 +12,13 @@ from test_cli import rlctl, rlctl_here
 
 from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
-from rlctl.data.demonstrations import DemonstrationSpec, demonstration_from_row, encode_demonstration, worked_sum
+from rlctl.data.demonstrations import (
+    DemonstrationSpec,
+    demonstration_from_row,
+    encode_demonstration,
+    encode_demonstrations,
+    worked_sum,
+)
 from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import SourceSpec
 from rlctl.errors import RlctlError
@@ -52,6 +58,35 @@ def test_a_preference_reply_trains_only_itself_not_the_prompts_assistant_turns(t
     _, last_only = encode_demonstration(tokenizer, TWO_TURNS, first_trained=4)
     assert sum(every_turn) == 5 and sum(last_only) == 2  # "4", "<|im_end|>"
     assert last_only[-3:] == [1, 1, 0]
+
+
+def _trained_positions(tokenizer, row):
+    source, fmt = SourceSpec(prompt_field="prompt"), PromptFormat()
+    spec = DemonstrationSpec(completion_field="completion", messages_field="messages", max_tokens=256, pack=False)
+    demo = demonstration_from_row(row, "f:1", source, fmt, spec)
+    encoded = encode_demonstrations([demo], tokenizer, spec.max_tokens)
+    ids, mask = encoded.ids[0], encoded.masks[0]
+    return [i for i, m in enumerate(mask) if m], [tokenizer.decode([i]) for i in ids]
+
+
+def test_a_prompt_completion_row_trains_its_completion_only_a_messages_row_every_assistant_turn(tokenizer):
+    # The same conversation, two row formats. Rendered by the chat template (token positions from 0):
+    #   0 <|im_start|> 1 system ... the default system turn ... <|im_start|> user \n Hi <|im_end|> \n
+    #   <|im_start|> assistant \n [Hello ! <|im_end|>] \n <|im_start|> user \n 2 + 2 ? <|im_end|> \n
+    #   <|im_start|> assistant \n [4 <|im_end|>] \n
+    # As prompt/completion ("Hi"/"Hello!"/"2+2?" are the prompt, "4" the completion) only "4 <|im_end|>",
+    # the two tokens before the final "\n", are trained: positions n−3 and n−2. As messages every
+    # assistant turn is: "Hello", "!", "<|im_end|>" of the first reply as well.
+    row_messages = {"messages": TWO_TURNS[1:]}
+    row_prompt = {"prompt": TWO_TURNS[1:4], "completion": "4"}
+    every_turn, tokens = _trained_positions(tokenizer, row_messages)
+    completion_only, same_tokens = _trained_positions(tokenizer, row_prompt)
+    assert tokens == same_tokens  # one token sequence; only the masks differ
+    n, first_reply = len(tokens), tokens.index("Hello")
+    assert completion_only == [n - 3, n - 2]
+    assert [tokens[i] for i in completion_only] == ["4", "<|im_end|>"]
+    assert every_turn == [first_reply, first_reply + 1, first_reply + 2, n - 3, n - 2]
+    assert [tokens[i] for i in every_turn] == ["Hello", "!", "<|im_end|>", "4", "<|im_end|>"]
 
 
 def test_without_a_chat_template_replies_end_in_eos_and_only_they_are_trained(tokenizer):

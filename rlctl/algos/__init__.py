@@ -27,6 +27,8 @@ class AdvantageInputs:
         None  # [B, T] score on the last token (or step rewards) − β·KL if in the reward
     )
     values: torch.Tensor | None = None  # [B, T] critic values, for estimators that need them
+    # adds a list of numbers over the processes of a launch, for statistics of the whole step (None: one process)
+    sum_over_ranks: Callable[[list[float]], list[float]] | None = None
 
 
 Advantages = tuple[torch.Tensor, torch.Tensor | None]  # (advantages [B] or [B, T], returns [B, T] or None)
@@ -51,7 +53,11 @@ def _gae(x: AdvantageInputs, a: Algorithm) -> Advantages:
 
 ADVANTAGE_ESTIMATORS.register("reinforce")(Estimator(lambda x, a: (adv.reinforce(x.scores), None), False, 1))
 ADVANTAGE_ESTIMATORS.register("grpo")(
-    Estimator(lambda x, a: (adv.grpo(x.scores, x.group_size, a.scale_by_std, a.std_eps), None), False, 2)
+    Estimator(
+        lambda x, a: (adv.grpo(x.scores, x.group_size, a.scale_by_std, a.std_eps, a.std_scope, x.sum_over_ranks), None),
+        False,
+        2,
+    )
 )
 ADVANTAGE_ESTIMATORS.register("rloo")(Estimator(lambda x, a: (adv.rloo(x.scores, x.group_size), None), False, 2))
 ADVANTAGE_ESTIMATORS.register("reinforce_pp")(
@@ -81,6 +87,7 @@ class Algorithm:
     group_size: int = 8
     scale_by_std: bool = True
     std_eps: float = 1e-6
+    std_scope: str = "group"  # the std that divides: each group's, or the whole step's (TRL scale_rewards="batch")
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -109,7 +116,8 @@ class Algorithm:
                               ("value_loss", VALUE_LOSSES)):  # fmt: skip
             if getattr(self, key) not in registry:
                 raise ValueError(f"{key}: unknown {registry.kind} {getattr(self, key)!r}; known: {registry.names()}")
-        for key, known in (("loss_agg", ops.AGGREGATIONS), ("kl_estimator", kl.KINDS), ("kl_placement", KL_PLACEMENTS)):
+        for key, known in (("loss_agg", ops.AGGREGATIONS), ("kl_estimator", kl.KINDS), ("kl_placement", KL_PLACEMENTS),
+                           ("std_scope", adv.STD_SCOPES)):
             if getattr(self, key) not in known:
                 raise ValueError(f"{key}: unknown value {getattr(self, key)!r}; known: {list(known)}")
         estimator = ADVANTAGE_ESTIMATORS.get(self.advantage)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from rlctl.algos.ops import masked_whiten
@@ -21,19 +24,53 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.view(-1, group_size)
 
 
-def grpo(scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO (DeepSeekMath 2024): A_i = (r_i − mean_g r) / (std_g r + eps). scores [N] -> [N].
+def grpo(
+    scores: torch.Tensor,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+    std_scope: str = "group",
+    sum_over_ranks: Callable[[list[float]], list[float]] | None = None,
+) -> torch.Tensor:
+    """GRPO (DeepSeekMath 2024): A_i = (r_i − mean_g r) / (std r + eps). scores [N] -> [N].
 
-    std is the unbiased (Bessel-corrected, divide by G−1) sample standard deviation within the
-    group, as ``torch.std`` computes it and as the reference implementations use.
-    ``scale_by_std=False`` gives Dr.GRPO's A_i = r_i − mean_g r.
+    The mean is always the group's (the G completions of one prompt). The std that divides is
+      std_scope="group": the group's own std_g r (DeepSeekMath; TRL's scale_rewards="group");
+      std_scope="batch": one std over every score of the step on every process (TRL's
+        scale_rewards="batch"): with n, S1 = Σ r, S2 = Σ r² summed over ranks by ``sum_over_ranks``,
+        std = sqrt((S2 − S1²/n) / (n − 1)), so two processes divide by what one process would.
+    Both are the unbiased (Bessel-corrected, divide by n−1) sample standard deviation, as
+    ``torch.std`` computes it and as the reference implementations use.
+    ``scale_by_std=False`` gives Dr.GRPO's A_i = r_i − mean_g r (no std, whatever the scope).
     A group whose rewards are all equal gets advantage 0 for every member.
+    eps: TRL adds 1e-4, rlctl 1e-6 by default (algo.std_eps); on a group whose std is ~5e-4 that
+    changes the advantages by ~20 %.
     """
     grouped = _groups(scores, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+        if std_scope == "group":
+            std = grouped.std(dim=1, keepdim=True)
+        elif std_scope == "batch":
+            std = torch.as_tensor(batch_std(scores, sum_over_ranks), dtype=scores.dtype)
+        else:
+            raise ValueError(f"unknown std scope {std_scope!r}; known: {list(STD_SCOPES)}")
+        centred = centred / (std + eps)
     return centred.reshape(-1)
+
+
+STD_SCOPES = ("group", "batch")
+
+
+def batch_std(scores: torch.Tensor, sum_over_ranks: Callable[[list[float]], list[float]] | None = None) -> float:
+    """The unbiased std of every score on every rank, from the sums n, Σ r, Σ r² (in float64).
+    scores [N] -> a number; ``sum_over_ranks`` adds a list of numbers over ranks (None: one rank)."""
+    values = scores.detach().double()
+    sums = [float(values.numel()), float(values.sum()), float((values**2).sum())]
+    n, s1, s2 = sum_over_ranks(sums) if sum_over_ranks is not None else sums
+    if n < 2:
+        return 0.0
+    return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1))
 
 
 def rloo(scores: torch.Tensor, group_size: int) -> torch.Tensor:

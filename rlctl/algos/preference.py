@@ -44,7 +44,8 @@ def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.
 def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     """IPO (Azar et al. 2023): L = Σ_i (h_i − 1/(2β))². It regresses the log-ratio gap to a fixed
     target instead of pushing it to infinity, so it does not overfit deterministic preferences.
-    β plays τ's role; label smoothing has no meaning here (it must be 0)."""
+    β plays τ's role; label smoothing has no meaning here (it must be 0). h is the gap of summed
+    log-ratios (the paper's Eq. 17), or of per-token means with ``ipo_length_normalised`` (TRL)."""
     return ((h - 1 / (2 * beta)) ** 2).sum()
 
 
@@ -59,6 +60,7 @@ def dpo_loss(
     logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
     nll_coef: float = 0.0, chosen_tokens: torch.Tensor | None = None,
+    length_normalised: bool = False, rejected_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """The preference loss of B pairs (a sum over them) and the stats DPO runs are read by.
 
@@ -68,8 +70,19 @@ def dpo_loss(
     fall faster; the NLL term keeps the chosen replies likely. Stats (means over the B pairs): the
     implicit rewards of the chosen and the rejected reply, their margin, and how often the chosen
     one's is higher.
+
+    ``length_normalised``: each reply's log-ratio is divided by its token count before the gap is
+    taken, h = (log π(y_c) − log π_ref(y_c)) / |y_c| − (log π(y_r) − log π_ref(y_r)) / |y_r|
+    (chosen_tokens and rejected_tokens [B] needed): TRL's IPO, which keeps β comparable across reply
+    lengths. The implicit-reward stats stay on the summed log-ratios.
     """
-    h = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
+    chosen_ratio, rejected_ratio = logp_chosen - ref_chosen, logp_rejected - ref_rejected
+    if length_normalised:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("length_normalised needs both replies' token counts")
+        chosen_ratio = chosen_ratio / chosen_tokens.clamp(min=1)
+        rejected_ratio = rejected_ratio / rejected_tokens.clamp(min=1)
+    h = chosen_ratio - rejected_ratio
     loss = DPO_LOSSES.get(loss_type)(h, beta, label_smoothing)
     nll = None
     if nll_coef:

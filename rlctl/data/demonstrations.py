@@ -24,9 +24,13 @@ Messages = list[dict]
 
 @dataclass(frozen=True)
 class Demonstration:
-    messages: Messages  # the whole conversation; its assistant turns are trained
+    messages: Messages  # the whole conversation; its assistant turns from message `first_trained` on are trained
     answer: str | None  # the reference answer a reward rule checks (task data), else None
     origin: str  # "file.jsonl:17" or "arithmetic:23 + 48"
+    # A prompt/completion row trains its completion only (the last message), even when its prompt
+    # holds earlier assistant turns: those are context someone else wrote, as in TRL's
+    # completion-only loss. A `messages` row trains every assistant turn (0).
+    first_trained: int = 0
 
     @property
     def prompt(self) -> Messages:
@@ -103,7 +107,9 @@ def _checked_messages(value, origin: str, field: str, needs_assistant: bool = Tr
 
 def demonstration_from_row(row: dict, origin: str, source: SourceSpec, fmt: PromptFormat,
                            spec: DemonstrationSpec) -> Demonstration:  # fmt: skip
-    """A row with chat messages, or with a prompt (string or messages) and a completion."""
+    """A row with chat messages (every assistant turn trained), or with a prompt (string or
+    messages) and a completion (the completion alone trained, whatever turns the prompt holds)."""
+    first_trained = 0
     if spec.messages_field in row:
         messages = _checked_messages(row[spec.messages_field], origin, spec.messages_field)
         if fmt.system_prompt and messages[0]["role"] != "system":
@@ -124,12 +130,13 @@ def demonstration_from_row(row: dict, origin: str, source: SourceSpec, fmt: Prom
         elif not isinstance(prompt, str) or not prompt.strip():
             raise RlctlError(f"data: row {origin}: field {source.prompt_field!r} must be a non-empty string or chat messages")
         messages = [*conversation(Example(prompt, "", origin), fmt), {"role": "assistant", "content": completion}]
+        first_trained = len(messages) - 1
     answer = row.get(source.answer_field)
     if answer is not None and not isinstance(answer, bool) and isinstance(answer, (str, int, float)):
         answer = gsm8k_final_answer(str(answer)) if source.answer_format == "gsm8k" else str(answer)
     else:
         answer = None
-    return Demonstration(messages, answer, origin)
+    return Demonstration(messages, answer, origin, first_trained)
 
 
 def _jsonl(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
@@ -219,7 +226,7 @@ class EncodedDemonstrations:
 def encode_demonstrations(demos: list[Demonstration], tokenizer, max_tokens: int) -> EncodedDemonstrations:
     kept, ids, masks, skipped = [], [], [], 0
     for demo in demos:
-        tokens, mask = encode_demonstration(tokenizer, demo.messages, demo.origin)
+        tokens, mask = encode_demonstration(tokenizer, demo.messages, demo.origin, demo.first_trained)
         if len(tokens) > max_tokens:
             skipped += 1
             continue
