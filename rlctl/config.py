@@ -24,8 +24,10 @@ class AlgoConfig:
     policy_loss: str = "ppo_clip"  # policy loss: ppo_clip | gspo | pg
     group_size: int = 8  # completions sampled per prompt (G); group baselines need G ≥ 2
     scale_by_std: bool = True  # grpo: divide by the group's reward std (False = Dr.GRPO)
-    std_eps: float = 1e-6  # grpo: added to the std before dividing (TRL uses 1e-4; it matters when a group's std is tiny)
-    std_scope: str = "group"  # grpo: the std that divides: group (each prompt's G rewards) | batch (every reward of the step, all processes; TRL scale_rewards="batch")
+    # grpo: added to the std before dividing (TRL uses 1e-4; it matters when a group's std is tiny)
+    std_eps: float = 1e-6
+    # grpo: the std that divides: group (each prompt's G rewards) | batch (every reward of the step, all processes; TRL scale_rewards="batch")
+    std_scope: str = "group"
     clip_low: float = 0.2  # ratio lower bound is 1 − clip_low
     clip_high: float = 0.2  # ratio upper bound is 1 + clip_high (DAPO's clip-higher raises it)
     dual_clip: float | None = None  # ppo_clip: bound the loss at −c·A for A < 0 (c > 1, e.g. 3); None = off
@@ -361,7 +363,8 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # sigmoid: chance a preference label is flipped (conservative DPO); 0 = plain DPO
     nll_coef: float = 0.0  # α: weight of the chosen replies' length-normalised NLL added to the loss (RPO); 0 = none
-    ipo_length_normalised: bool = False  # ipo: each reply's log-ratio divided by its token count (TRL's IPO); false = summed (the paper's)
+    # ipo: each reply's log-ratio divided by its token count (TRL's IPO); false = summed (the paper's)
+    ipo_length_normalised: bool = False
     save_final: bool = True  # write checkpoints/final (a causal LM)
 
 

@@ -96,8 +96,14 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
         batch.scores, batch.response_mask, batch.step_rewards, old_logp, ref_logp, state.kl_coef, batch.length_penalty
     )
     advantages, returns = algo.advantages(
-        AdvantageInputs(batch.scores, batch.response_mask, algo.group_size, token_rewards=token_rewards, values=values,
-                        sum_over_ranks=sum_over_ranks)  # fmt: skip
+        AdvantageInputs(
+            batch.scores,
+            batch.response_mask,
+            algo.group_size,
+            token_rewards=token_rewards,
+            values=values,
+            sum_over_ranks=sum_over_ranks,
+        )  # fmt: skip
     )
     batch = batch.with_(token_rewards=token_rewards, advantages=advantages, returns=returns)
 
@@ -182,7 +188,9 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
             norm, stats = update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals), max_tokens)
             grad_norms.append(norm)
         if s.critic is not None:
-            norm, critic_stats = update(s.critic, minibatch, micro_size, partial(critic_loss, totals=totals), max_tokens)
+            norm, critic_stats = update(
+                s.critic, minibatch, micro_size, partial(critic_loss, totals=totals), max_tokens
+            )
             critic_grad_norms.append(norm)
             stats.update(critic_stats)
         for key, value in stats.items():

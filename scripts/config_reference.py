@@ -128,7 +128,9 @@ def rows(schema: type, node, prefix: str, comments, types) -> list[tuple[str, st
             for sub in dataclasses.fields(element):
                 default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
                 owner = _declaring_class(element, sub.name)
-                out.append((f"{key}[].{sub.name}", types[(owner, sub.name)], show(default), comments[(owner, sub.name)]))
+                out.append(
+                    (f"{key}[].{sub.name}", types[(owner, sub.name)], show(default), comments[(owner, sub.name)])
+                )
     return out
 
 

@@ -125,7 +125,9 @@ def test_grpo_batch_std_over_two_ranks_equals_one_rank_on_the_whole_batch():
         return [a + b for a, b in zip(sums, [2.0, float(other.sum()), float((other**2).sum())])]
 
     whole = advantages.grpo(torch.cat([rank0, rank1]), 2, eps=0.0, std_scope="batch")
-    split = torch.cat([advantages.grpo(r, 2, eps=0.0, std_scope="batch", sum_over_ranks=both_ranks) for r in (rank0, rank1)])
+    split = torch.cat(
+        [advantages.grpo(r, 2, eps=0.0, std_scope="batch", sum_over_ranks=both_ranks) for r in (rank0, rank1)]
+    )
     assert split.tolist() == pytest.approx(whole.tolist(), abs=1e-7)
     algo = Algorithm(std_scope="batch", group_size=2)
     assert algo.advantages(AdvantageInputs(rank0, torch.ones(2, 1), 2, sum_over_ranks=both_ranks))[0].tolist() == (

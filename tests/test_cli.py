@@ -133,6 +133,7 @@ def test_cfg_job_prints_the_composed_config():
     assert "advantage: rloo" in out and "path: embedded:smollm2-135m" in out
 
 
+@pytest.mark.integration
 def test_help_lists_the_config_groups_and_recipes_lists_files():
     out = rlctl("train", "--help", isolated=True).stdout
     for group in ("algo:", "model:", "data:", "reward:", "rollout:", "logger:", "recipe:"):
@@ -143,6 +144,7 @@ def test_help_lists_the_config_groups_and_recipes_lists_files():
     assert "smoke" in recipes and "tiny random model" in recipes
 
 
+@pytest.mark.integration
 def test_multirun_sweeps_two_values_into_two_folders(tmp_path):
     result = rlctl("train", "-m", "recipe=smoke", "steps=1", "optim.lr=1e-5,3e-5", "eval.enabled=false", "save_final=false",
           "logger.sample_every=0", f"hydra.sweep.dir={tmp_path}", isolated=True)  # fmt: skip
@@ -261,6 +263,7 @@ def test_overlong_prompts_are_reported_not_fatal(tmp_path):
     )  # the held-out set is the first 4 rows
 
 
+@pytest.mark.integration
 def test_wandb_logger_works_offline(tmp_path):
     rlctl("train", "recipe=smoke", "logger=wandb", "steps=1", "eval.enabled=false", "save_final=false",
           f"hydra.run.dir={tmp_path}", isolated=True)  # fmt: skip

@@ -39,6 +39,7 @@ def launch(n: int, *args: str, timeout: int = 600) -> subprocess.CompletedProces
     [("grpo", "zero2"), ("grpo", "zero3"), ("ppo", "zero3")],
     ids=["grpo-zero2", "grpo-zero3", "ppo-zero3"],
 )
+@pytest.mark.integration
 def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage):
     run = tmp_path / "run"
     result = launch(2, "-m", "rlctl", "train", "recipe=smoke", f"algo={algo}", f"deepspeed={stage}",
@@ -54,6 +55,7 @@ def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stag
     assert {p.name for p in (run / "checkpoints" / latest).glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
 
 
+@pytest.mark.integration
 def test_two_ranks_in_micro_batches_match_one_rank_in_one_for_every_aggregation(tmp_path):
     # Rank 0 holds rows of 1-2 response tokens, rank 1 rows of 3-4 (ds_equivalence.py): per-rank
     # means would weigh rank 0's few tokens as much as rank 1's many. Both layouts go through

@@ -81,6 +81,7 @@ def test_resuming_from_a_different_model_is_refused_with_a_clear_message(tmp_pat
         build_train(compose_train("steps=2", "resume=auto", "algo=ppo"), tmp_path)
 
 
+@pytest.mark.integration
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     # A child trains one step (checkpoint step-1), then saves again with fsync made to hang, so we
     # can SIGKILL it in the middle of writing step-2.
@@ -114,6 +115,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert summary["final_metrics"]["step"] == 2
 
 
+@pytest.mark.integration
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     run = tmp_path / "run"
     child = subprocess.Popen(

@@ -119,6 +119,7 @@ def test_the_console_is_kept_in_train_log_and_a_failed_start_leaves_its_error(tm
     assert "error: optim.lr: must be a positive number" in (bad / "train.log").read_text()
 
 
+@pytest.mark.integration
 def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = rlctl("train", "-m", "recipe=smoke", "steps=1", "eval.enabled=false", "save_final=false",
@@ -148,11 +149,13 @@ def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
         (["train", "recipe=smoke", "rollout.max_new_tokens=0", "dry_run=true"], "rollout.max_new_tokens: must be ≥ 1"),
     ],
 )
+@pytest.mark.integration
 def test_one_line_errors_instead_of_tracebacks(args, message, tmp_path):
     result = rlctl(*args, cwd=tmp_path, isolated=True)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_wandb_without_a_login_suggests_offline_mode(tmp_path):
     env = {k: v for k, v in ENV.items() if not k.startswith("WANDB")}
     env.update(WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path), HOME=str(tmp_path), WANDB_MODE="online")
@@ -162,6 +165,7 @@ def test_wandb_without_a_login_suggests_offline_mode(tmp_path):
     assert "logger.wandb: W&B could not start a run" in result.stderr and "WANDB_MODE=offline" in result.stderr
 
 
+@pytest.mark.integration
 def test_warnings_for_numbers_without_meaning(tmp_path):
     train = rlctl("train", "recipe=smoke", "steps=1", "rollout.temperature=0", "eval.n_samples=2", "eval.pass_k=[1,2]",
                   f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip

@@ -164,6 +164,7 @@ def one_step_gradient(tmp_path, *overrides):
     return gradient_of_update(build_sft(compose_sft(*overrides), tmp_path, ""))
 
 
+@pytest.mark.integration
 def test_micro_batches_and_packing_give_the_update_of_the_whole_batch(tmp_path):
     # 6 demonstrations as one micro-batch, as 4 + 2 (uneven), and packed 4 + 2: each micro-batch's
     # loss is its share of the 6 demonstrations' token mean, so the gradient is the same.

@@ -143,6 +143,7 @@ def trainer_and_engine_logprobs(stages, ids: list[int], n_prompt: int) -> tuple[
     return trainer, engine
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("deepspeed, lora_r", [("none", 0), ("zero3", 0), ("none", 8), ("zero2", 8), ("zero3", 8)])
 def test_the_engine_samples_the_trained_policy_after_an_update(tmp_path, deepspeed, lora_r):
     # lr 5e-2 moves the tiny model's log-probs of an unrelated completion by tenths of a nat in one
@@ -170,6 +171,7 @@ def test_the_engine_samples_the_trained_policy_after_an_update(tmp_path, deepspe
     assert (trainer_after - engine_after).abs().max() < 0.05  # ... and the engine samples the moved one
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algo", ["grpo", "dapo"])  # dapo: dynamic sampling stacks several rollouts' log-probs
 def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path, algo):
     stages = build(tmp_path, f"algo={algo}", SMOKE_REWARD)
@@ -181,6 +183,7 @@ def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path, 
     assert batch_metrics["time/weight_sync_s"] >= 0
 
 
+@pytest.mark.integration
 def test_greedy_completions_of_the_embedded_model_agree_between_hf_and_vllm():
     # The same weights decode greedily in bf16 on both sides (a run's precision), through different
     # kernels: where the two best next tokens are within bf16 rounding the argmax may flip, and the
@@ -222,6 +225,7 @@ def rlctl(*args, timeout=600):
 
 
 # PPO's critic does not touch the rollout; its run with vLLM (a minute here) is in `make test-slow`.
+@pytest.mark.integration
 @pytest.mark.parametrize("algo", ["grpo", pytest.param("ppo", marks=pytest.mark.slow)])
 def test_a_run_with_rollout_vllm_trains_evaluates_and_saves(tmp_path, algo):
     run = tmp_path / "run"
@@ -236,6 +240,7 @@ def test_a_run_with_rollout_vllm_trains_evaluates_and_saves(tmp_path, algo):
     assert out.stdout.count("What is 2 + 2?") == 2
 
 
+@pytest.mark.integration
 def test_two_processes_each_sample_with_their_own_engine(tmp_path):
     from test_deepspeed import launch
 

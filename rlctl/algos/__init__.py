@@ -116,8 +116,12 @@ class Algorithm:
                               ("value_loss", VALUE_LOSSES)):  # fmt: skip
             if getattr(self, key) not in registry:
                 raise ValueError(f"{key}: unknown {registry.kind} {getattr(self, key)!r}; known: {registry.names()}")
-        for key, known in (("loss_agg", ops.AGGREGATIONS), ("kl_estimator", kl.KINDS), ("kl_placement", KL_PLACEMENTS),
-                           ("std_scope", adv.STD_SCOPES)):
+        for key, known in (
+            ("loss_agg", ops.AGGREGATIONS),
+            ("kl_estimator", kl.KINDS),
+            ("kl_placement", KL_PLACEMENTS),
+            ("std_scope", adv.STD_SCOPES),
+        ):
             if getattr(self, key) not in known:
                 raise ValueError(f"{key}: unknown value {getattr(self, key)!r}; known: {list(known)}")
         estimator = ADVANTAGE_ESTIMATORS.get(self.advantage)

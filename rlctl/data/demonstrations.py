@@ -128,7 +128,9 @@ def demonstration_from_row(row: dict, origin: str, source: SourceSpec, fmt: Prom
         if isinstance(prompt, list):
             prompt = _checked_messages(prompt, origin, source.prompt_field, needs_assistant=False)
         elif not isinstance(prompt, str) or not prompt.strip():
-            raise RlctlError(f"data: row {origin}: field {source.prompt_field!r} must be a non-empty string or chat messages")
+            raise RlctlError(
+                f"data: row {origin}: field {source.prompt_field!r} must be a non-empty string or chat messages"
+            )
         messages = [*conversation(Example(prompt, "", origin), fmt), {"role": "assistant", "content": completion}]
         first_trained = len(messages) - 1
     answer = row.get(source.answer_field)
@@ -234,4 +236,3 @@ def encode_demonstrations(demos: list[Demonstration], tokenizer, max_tokens: int
         ids.append(tokens)
         masks.append(mask)
     return EncodedDemonstrations(kept, ids, masks, skipped)
-
