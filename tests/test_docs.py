@@ -125,14 +125,22 @@ def check_command(command: DocCommand) -> str:
         _, overrides = _recipe_for(name, overrides)
     register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(name, overrides=overrides)
-    check_known_keys(cfg, SCHEMAS[name])
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlctl.errors import RlctlError
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(name, overrides=overrides)
+        check_known_keys(cfg, SCHEMAS[name])
+    except (HydraException, OmegaConfBaseException, RlctlError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise AssertionError(f"{command.where}: `{command.text}` does not compose: {first}") from None
     from rlctl.build import read_train_settings
     from rlctl.data.demonstrations import load_demonstrations
     from rlctl.data.preferences import load_pairs
     from rlctl.dpo import read_dpo_settings
-    from rlctl.errors import RlctlError
     from rlctl.rm import read_rm_settings
     from rlctl.sft import read_sft_settings
 
@@ -204,9 +212,7 @@ def test_the_mistakes_page_commands_are_refused(monkeypatch):
 def test_the_command_extractor_catches_a_broken_command(monkeypatch):
     # What the docs test is for: a renamed key or option in a doc would fail like these.
     monkeypatch.chdir(ROOT)
-    from hydra.errors import HydraException
-
-    with pytest.raises(HydraException, match="lrr"):
+    with pytest.raises(AssertionError, match=r"x.md:1: `rlctl train optim.lrr=1` does not compose: .*lrr"):
         check_command(DocCommand("x.md:1", "rlctl train optim.lrr=1"))
     with pytest.raises(AssertionError, match="dual_clip"):
         check_command(DocCommand("x.md:2", "rlctl train algo.dual_clip=0.5"))
