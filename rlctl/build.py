@@ -204,12 +204,15 @@ def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
     return encode_prompts(train, prompt_format, tokenizer), encode_prompts(held_out, prompt_format, tokenizer)
 
 
-def rollout_settings(rollout: DictConfig, **changes) -> tuple[SamplingParams, VLLMSpec, MismatchCorrection]:
-    """The ``rollout`` group as its three consumers: sampling, the vLLM engine, the mismatch correction."""
+def rollout_settings(
+    rollout: DictConfig, training: bool = True, **changes
+) -> tuple[SamplingParams, VLLMSpec, MismatchCorrection]:
+    """The ``rollout`` group as its three consumers: sampling, the vLLM engine, the mismatch correction.
+    Outside training (eval, generate) nothing is corrected, so the correction's keys are not checked."""
     if rollout.backend not in BACKENDS:
         raise RlctlError(f"rollout.backend: unknown backend {rollout.backend!r}; known: {list(BACKENDS)}")
     sampling, vllm, correction = fill("rollout", rollout, SamplingParams, VLLMSpec, MismatchCorrection)
-    if correction.is_correction != "none" and sampling.backend == "hf":
+    if correction.is_correction != "none" and sampling.backend == "hf" and training:
         raise RlctlError(
             f"rollout.is_correction={correction.is_correction}: the hf backend samples with the training model itself "
             "and returns no sampling log-probs to correct against; use rollout.is_correction=none, or rollout=vllm"
@@ -285,7 +288,7 @@ def build_evaluator(cfg: DictConfig, held_out: PromptSet, rewards, rollout) -> E
 def build_inference(cfg: DictConfig):
     """``rlctl eval`` / ``generate``: (policy, tokenizer, rollout) for model.path. With vllm the engine
     loads the weights from the folder itself, so the model is not loaded a second time for it."""
-    sampling, vllm, _ = rollout_settings(cfg.rollout)
+    sampling, vllm, _ = rollout_settings(cfg.rollout, training=False)
     m = cfg.model
     if sampling.backend == "hf" or m.path.startswith(models.RANDOM_PREFIX):
         model, tokenizer = load_model_and_tokenizer(cfg)

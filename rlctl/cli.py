@@ -163,57 +163,147 @@ def run_folder_of(model_path: str) -> Path | None:
     return None
 
 
+# Settings that act only while training: sampling for eval or generate does not take them from a run.
+TRAINING_ONLY = ("rollout.is_correction", "rollout.is_cap")
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested mapping; a list is one value (reward.terms is set whole)."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def keys_set_on_command_line(overrides: list[str], groups: tuple[str, ...]) -> dict[str, str]:
+    """{dotted key: the override that set it} for the keys of ``groups`` the command line decides:
+    `rollout.max_new_tokens=32` sets that key; `rollout=hf` sets every key conf/rollout/hf.yaml sets."""
+    from omegaconf import OmegaConf
+
+    decided = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        group = key.split(".", 1)[0]
+        if group not in groups:
+            continue
+        if "." in key:
+            decided[key] = override
+        elif (CONF_DIR / group / f"{value}.yaml").is_file():
+            option = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{value}.yaml"), resolve=False)
+            decided.update({f"{group}.{k}": override for k in _leaves(option)})
+    return decided
+
+
 def with_settings_from(cfg, command: str, base, source: str):
-    """``cfg`` with the groups of SETTINGS_FROM_RUN taken from ``base`` (a run's config.yaml or a
-    recipe), except what the command line set: a group picked there (data=gsm8k) stays whole, and
-    a key set there (rollout.max_new_tokens=32) keeps its value. Prints where each came from."""
+    """``cfg`` with the keys of the SETTINGS_FROM_RUN groups taken from ``base`` (a run's task settings
+    or a recipe), key by key: a key the command line set (``rollout.max_new_tokens=32``), or one that an
+    option picked there sets (``rollout=hf`` sets ``rollout.backend``), keeps the command line's value;
+    every other key of the run is inherited. Keys this command does not have are left out. Prints the
+    inherited keys that differ from this command's defaults, and what the command line decided."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    given = [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
-    groups = [g for g in SETTINGS_FROM_RUN[command] if g in base and not any(o.startswith(f"{g}=") for o in given)]
-    keys = [o for o in given if o.split("=", 1)[0].split(".", 1)[0] in groups]
+    groups = tuple(g for g in SETTINGS_FROM_RUN[command] if g in base)
+    decided = keys_set_on_command_line(list(HydraConfig.get().overrides.task), groups)
+    inherited = {}
+    for group in groups:
+        for key, value in _leaves(OmegaConf.to_container(base[group], resolve=True), f"{group}.").items():
+            if key in decided or any(key.startswith(d + ".") for d in decided):
+                continue
+            if command != "train" and key in TRAINING_ONLY:
+                continue
+            current = OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False)
+            if current == "__absent__":  # a key of another command (sft's data.completion_field)
+                continue
+            if (OmegaConf.to_container(current) if OmegaConf.is_config(current) else current) != value:
+                inherited[key] = value
+    nested: dict = {}
+    for key, value in inherited.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     with open_dict(cfg):
-        for group in groups:
-            cfg[group].merge_with(base[group])
-        for override in keys:  # the command line wins
-            dotted = OmegaConf.from_dotlist([override])
-            cfg.merge_with(dotted)
+        cfg.merge_with(nested)  # through the schema: reward.terms become RewardTerm nodes
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in inherited.items()) or "nothing that differs from the defaults"
+    from_line = sorted(set(decided.values()))
     err_console.print(
-        f"settings from {source}: {', '.join(groups) or 'none'}"
-        + (f"; from the command line: {' '.join(keys)}" if keys else ""),
-        highlight=False, soft_wrap=True,
+        f"settings from {source}: {shown}" + (f"; from the command line: {' '.join(from_line)}" if from_line else ""),
+        highlight=False, soft_wrap=True, markup=False,
     )  # fmt: skip
     return cfg
 
 
-def sft_task_settings(sft_config) -> dict:
-    """What `rlctl train` takes from an SFT run: its prompts (the `data` keys train knows), the
-    rules that judged it (`reward`), and room for the answers it was taught to write."""
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def task_settings_of(run: Path, config) -> dict:
+    """What a run's model was trained to do, as `train`/`eval`/`generate` settings: its prompts
+    (`data`), the rules that judge its answers (`reward`) and how long they are (`rollout`). An SFT
+    model answers as it was taught; a DPO model the built-in problems its pairs came from. A reward
+    model is not a policy: one line says what to run instead."""
     import dataclasses
 
     from rlctl.config import DataConfig
+    from rlctl.errors import RlctlError
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    return {"data": {k: v for k, v in sft_config["data"].items() if k in known}, "reward": sft_config["reward"],
-            "rollout": {"max_new_tokens": sft_config["eval"]["max_new_tokens"]}}  # fmt: skip
+    data = {k: v for k, v in config.get("data", {}).items() if k in known}
+    if "algo" in config:  # rlctl train
+        return {"data": config["data"], "reward": config["reward"], "rollout": config["rollout"]}
+    if "examples_per_step" in config:  # rlctl sft
+        return {"data": data, "reward": config["reward"], "rollout": {"max_new_tokens": config["eval"]["max_new_tokens"]}}
+    if "loss_type" in config:  # rlctl dpo
+        if config["data"]["source"] != "arithmetic":
+            raise RlctlError(
+                f"model.path: {run} is a DPO run on preference pairs ({config['data'].get('path')}), which hold no "
+                "reference answers to score; evaluate on prompts with answers: data=jsonl data.path=FILE.jsonl"
+            )
+        return {"data": data, "reward": {"terms": [{"name": "exact_number", "weight": 1.0, "pattern": None}]},
+                "rollout": {"max_new_tokens": config["eval"]["max_new_tokens"]}}  # fmt: skip
+    if "margin" in config:  # rlctl rm
+        raise RlctlError(
+            f"model.path: {run} is a reward model (rlctl rm), not a policy to sample from; its held-out pairwise "
+            f"accuracy is in {run}/eval.json; train a policy against it with: rlctl train reward=model "
+            f"reward.model_path={run}"
+        )
+    return {}
 
 
 def _with_run_settings(cfg, command: str, recipe_base):
     from omegaconf import OmegaConf
 
+    from rlctl.errors import RlctlError
+
     run = run_folder_of(cfg.model.path)
-    if command == "train":
-        base = OmegaConf.load(run / "config.yaml") if run is not None else None
-        if base is None or "examples_per_step" not in base:  # only an SFT model was taught a format
-            return cfg
-        return with_settings_from(cfg, command, OmegaConf.create(sft_task_settings(base)),
-                                  f"the SFT run {run}/config.yaml")  # fmt: skip
     if run is not None:
-        return with_settings_from(cfg, command, OmegaConf.load(run / "config.yaml"), f"{run}/config.yaml")
+        config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+        if command == "train" and "examples_per_step" not in config:  # only an SFT model was taught a format
+            return cfg
+        data_on_line = any(o.startswith(("data=", "data.path=")) for o in _overrides())
+        try:
+            settings = task_settings_of(run, config)
+        except RlctlError:
+            if data_on_line and "margin" not in config:
+                return cfg
+            raise
+        label = f"the SFT run {run}/config.yaml" if command == "train" else f"{run}/config.yaml"
+        return with_settings_from(cfg, command, OmegaConf.create(settings), label)
     if recipe_base is not None:
         return with_settings_from(cfg, command, recipe_base[1], f"recipe {recipe_base[0]}")
     return cfg
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
 
 
 def run_eval(cfg) -> dict:

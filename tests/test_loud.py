@@ -70,9 +70,16 @@ def test_eval_of_a_run_folder_uses_the_runs_data_reward_and_lengths(tmp_path):
     result = rlctl("eval", f"model.path={run}", "rollout.temperature=0.5")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["data"] == "jsonl"  # not the arithmetic default
-    assert f"settings from {run}/config.yaml: data, reward, rollout" in result.stderr
+    assert f"settings from {run}/config.yaml: data.source=jsonl, data.path={data}" in result.stderr
+    assert "rollout.max_new_tokens=5" in result.stderr
     assert "from the command line: rollout.temperature=0.5" in result.stderr
     assert json.loads(result.stdout)["response_len_mean"] <= 5  # the run's length limit, not 16
+    # Picking the rollout option on the command line keeps the run's keys that option does not set:
+    # rollout=hf sets the backend (and no correction), the run's max_new_tokens=5 stays (it used to become 16).
+    picked = rlctl("eval", f"model.path={run}", "rollout=hf")
+    assert picked.returncode == 0, picked.stderr
+    assert "rollout.max_new_tokens=5" in picked.stderr and "from the command line: rollout=hf" in picked.stderr
+    assert json.loads(picked.stdout)["response_len_mean"] <= 5
 
 
 def test_a_launch_that_started_one_process_of_two_is_refused(tmp_path):

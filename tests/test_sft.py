@@ -211,6 +211,43 @@ def test_the_sft_model_trains_further_with_rl(sft_run, tmp_path):
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]) == 2
 
 
+def test_a_rollout_option_on_the_command_line_keeps_the_sft_runs_length_and_format(sft_run):
+    # The SFT run's eval.max_new_tokens=8 is the length its answers were taught to take. Choosing
+    # rollout=hf (as users without vLLM do) sets the backend, not the length: 8 stays, not hf's 16.
+    run_dir, _ = sft_run
+    result = rlctl("train", f"model.path={run_dir}/checkpoints/final", "rollout=hf", "dry_run=true")
+    assert result.returncode == 0, result.stderr
+    assert "rollout.max_new_tokens=8" in result.stderr and "data.instruction=" in result.stderr
+    assert "from the command line: rollout=hf" in result.stderr
+    assert "+ 8 new tokens" in result.stdout  # the batch layout's longest micro-batch: prompt + 8 new tokens
+
+
+def test_eval_of_an_sft_run_scores_it_on_the_task_it_was_taught(sft_run):
+    # Its config's data group holds sft-only keys (completion_field): eval used to stop with a ConfigKeyError.
+    run_dir, _ = sft_run
+    result = rlctl("eval", f"model.path={run_dir}", "rollout=hf")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["response_len_mean"] <= 8  # the SFT run's eval.max_new_tokens
+    assert "rollout.max_new_tokens=8" in result.stderr
+
+
+def test_dpo_and_rm_runs_are_evaluated_or_answered_in_one_line(tmp_path):
+    # rlctl eval of a non-RL run: an SFT run's keys (data.completion_field) used to be a ConfigKeyError.
+    from rlctl.cli import task_settings_of
+
+    sft = {"examples_per_step": 8, "data": {"source": "arithmetic", "digits": 2, "completion_field": "completion"},
+           "reward": {"terms": [{"name": "gsm8k", "weight": 1.0, "pattern": None}]}, "eval": {"max_new_tokens": 64}}  # fmt: skip
+    settings = task_settings_of(tmp_path, sft)
+    assert settings["data"] == {"source": "arithmetic", "digits": 2} and settings["rollout"] == {"max_new_tokens": 64}
+    dpo = {"loss_type": "sigmoid", "beta": 0.1, "data": {"source": "arithmetic", "digits": 1, "pairs_per_problem": 4},
+           "eval": {"max_new_tokens": 16}}  # fmt: skip
+    settings = task_settings_of(tmp_path, dpo)
+    assert settings["data"] == {"source": "arithmetic", "digits": 1}
+    assert settings["reward"]["terms"][0]["name"] == "exact_number" and settings["rollout"] == {"max_new_tokens": 16}
+    with pytest.raises(RlctlError, match=r"is a reward model \(rlctl rm\), not a policy.*reward.model_path="):
+        task_settings_of(tmp_path, {"margin": 0.0, "pairs_per_step": 16, "data": {"source": "arithmetic"}})
+
+
 def test_sft_resumes_where_it_stopped(sft_run):
     run_dir, _ = sft_run
     result = rlctl("sft", "model=tiny", "steps=4", "examples_per_step=4", "optim.micro_batch_size=2",
