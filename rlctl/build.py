@@ -42,7 +42,7 @@ from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec
-from rlctl.rewards.rules import RewardSpec
+from rlctl.rewards.rules import RewardSpec, load_user_reward
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
 from rlctl.trainer import Stages
@@ -182,6 +182,10 @@ def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, Ht
         models.check_path(model.model_path, "reward.model_path")
     if "http" in names:
         HttpReward(http)  # checks the URL and that the header variables are set
+    for name in names:  # your functions load, with the right signature, before anything else does
+        if ".py:" in name:
+            load_user_reward(name)
+    rules.accuracy_rule()
     return rules, model, http
 
 
@@ -195,7 +199,9 @@ def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) 
         scorers["reward_model"] = ModelReward(model_spec, cfg.model.dtype, cfg.model.trust_remote_code, zero, autocast)
     if "http" in names:
         scorers["http"] = HttpReward(http_spec)
-    return WeightedRewards(terms, rules.accuracy_term, rules.timeout_s, rules.fallback, rules.on_error, scorers)
+    accuracy_rule, meaning = rules.accuracy_rule(cfg.data.answer_format if "data" in cfg else "plain")
+    return WeightedRewards(terms, rules.accuracy_term, rules.timeout_s, rules.fallback, rules.on_error, scorers,
+                           accuracy_rule, meaning)  # fmt: skip
 
 
 def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 # In the source tree rlctl/conf links to the repo's conf/ (and conf/recipe to recipes/); a wheel
 # carries both as package data, so an installed rlctl finds its configs from any folder.
@@ -36,7 +37,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str) -> None:
     """A user mistake: one line, no traceback, exit status 1."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(1)
 
 
@@ -319,8 +320,11 @@ def run_eval(cfg) -> dict:
     evaluator = build_evaluator(cfg, held_out, rewards, rollout)
     if evaluator is None:
         fail("eval: no held-out prompts to evaluate on (check data.* and eval.enabled)")
-    results = evaluator(policy)
-    results = {"model": cfg.model.path, "data": cfg.data.source, **results}
+    results = evaluator(policy)  # a reward that failed on every sample: one line, exit 1, no score
+    if evaluator.last_failures:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(evaluator.last_failures)}", highlight=False, soft_wrap=True)
+    results = {"model": cfg.model.path, "data": cfg.data.source, **results,
+               "accuracy_counts": f"correct when {rewards.accuracy_meaning}"}  # fmt: skip
     print(json.dumps(results, indent=2))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n")

@@ -119,7 +119,11 @@ class RewardTerm:
 class RewardConfig:
     terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])  # weighted sum of these
     fn: str | None = None  # your own reward, "path/to/file.py:function"; replaces `terms` when set
-    accuracy_term: int = 0  # index of the term whose score of 1 counts as a correct answer
+    accuracy_term: int = 0  # index of the term whose score of 1 counts as a correct answer (accuracy=term)
+    # what `accuracy` counts as correct: auto (the accuracy_term's score ≥ 1; with reward.fn, the exact-answer rule of
+    # the data: gsm8k for data.answer_format=gsm8k, else exact_number) | term | exact_number | gsm8k | math_verify |
+    # path/to/file.py:function (yours: (completion, answer) -> True/False)
+    accuracy: str = "auto"
     timeout_s: float = 10.0  # a reward call running longer than this scores `fallback` (0 = no limit)
     fallback: float = 0.0  # score given when a reward function raises or times out
     on_error: str = "fallback"  # fallback (count it in reward/errors and go on) | stop (end the run)

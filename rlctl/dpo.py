@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from rich.markup import escape
 
 from rlctl import models
 from rlctl.algos.preference import DPO_LOSSES, dpo_loss
@@ -30,6 +31,7 @@ from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import Example, SourceSpec, arithmetic
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
 from rlctl.errors import RlctlError, check_fields
+from rlctl.evaluate import HeldOutRewardFailed
 from rlctl.offline import (
     OfflineRun,
     OfflineSettings,
@@ -199,7 +201,10 @@ class PreferenceObjective:
             line = (f"preference accuracy {results['preference_accuracy']:.3f}  reward margin "
                     f"{results['reward_margin']:.3f} ({len(self.held_out)} held-out pairs)")  # fmt: skip
         if self.evaluator is not None:
-            task = self.evaluator(engine)
+            try:
+                task = self.evaluator(engine)
+            except HeldOutRewardFailed as err:
+                return {**results, "error": str(err)}, line + f"  no accuracy: {escape(str(err))}"
             results.update(task)
             line += f"  accuracy {task['accuracy']:.3f} ({task['n_prompts']} held-out prompts)"
         return results, line

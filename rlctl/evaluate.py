@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.markup import escape
 
 from rlctl.data.prompts import PromptSet
 from rlctl.errors import RlctlError, check_fields
@@ -45,6 +46,16 @@ class EvalSpec:
             raise ValueError(f"pass_k: every k must be between 1 and eval.n_samples={self.n_samples}, got {bad}")
 
 
+class HeldOutRewardFailed(RlctlError):
+    """A reward term failed on every held-out sample: the evaluation has no score to report."""
+
+
+def failure_note(failures: dict[str, tuple[int, str]], samples: int) -> str:
+    """"reward 'r.py:score' failed on 3 of 8 held-out samples (scored reward.fallback): ValueError: boom"."""
+    return "; ".join(f"reward {name!r} failed on {count} of {samples} held-out samples (scored reward.fallback): {first}"
+                     for name, (count, first) in failures.items())  # fmt: skip
+
+
 class Evaluator:
     def __init__(
         self,
@@ -59,9 +70,12 @@ class Evaluator:
             raise RlctlError(f"eval.pass_k: every k must be between 1 and eval.n_samples={n_samples}, got {bad}")
         self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
         self.n_samples, self.pass_k = n_samples, pass_k
+        self.last_failures = ""  # the reward failures of the last call, in words ("" when none)
 
     def __call__(self, policy) -> dict[str, float]:
-        """{"accuracy", "reward_mean", "pass@k"..., "n_prompts", "response_len_mean"} over the held-out set."""
+        """{"accuracy", "reward_mean", "pass@k"..., "n_prompts", "response_len_mean", "reward_errors"} over the
+        held-out set. Reward failures are counted in ``reward_errors`` and described in ``last_failures``;
+        when a term failed on every sample there is no result: :class:`HeldOutRewardFailed`."""
         if len(self.prompts) == 0:
             return {}
         batch = self.rollout.generate(
@@ -70,12 +84,20 @@ class Evaluator:
         chats = [chat for chat in self.prompts.conversations for _ in range(self.n_samples)]
         with self.rewards.evaluating():
             result = self.rewards(batch.completions, batch.answers, chats)
+        self.last_failures = failure_note(result.failures, len(batch.completions))
+        dead = result.fully_failed()
+        if dead is not None:
+            raise HeldOutRewardFailed(
+                f"reward {dead!r} failed on every one of the {len(batch.completions)} held-out samples, so there is no "
+                f"held-out score: {result.failures[dead][1]}"
+            )
         correct_per_prompt = result.correct.view(-1, self.n_samples).sum(dim=1).tolist()
         metrics = {
             "accuracy": float(result.correct.float().mean()),
             "reward_mean": float(result.scores.mean()),
             "response_len_mean": float(batch.response_mask.sum(dim=1).mean()),
             "n_prompts": len(self.prompts),
+            "reward_errors": float(sum(count for count, _ in result.failures.values())),
         }
         for k in self.pass_k:
             metrics[f"pass@{k}"] = float(
@@ -84,16 +106,28 @@ class Evaluator:
         return metrics
 
 
-def evaluate_and_log(evaluator: Evaluator | None, policy, logger, step: int, label: str) -> dict[str, float]:
-    """Evaluate the policy engine's model (gathered under ZeRO-3), log the results as ``eval/*``."""
+def evaluate_and_log(evaluator: Evaluator | None, policy, logger, step: int, label: str) -> dict:
+    """Evaluate the policy engine's model (gathered under ZeRO-3), log the results as ``eval/*``.
+    Reward failures are said in the same line; a term that failed on every sample leaves no result
+    ({"error": ...}, never an accuracy or a reward made of fallback scores)."""
     if evaluator is None:
         return {}
     start = time.perf_counter()
-    results = evaluator(policy)
+    try:
+        results = evaluator(policy)
+    except HeldOutRewardFailed as err:
+        logger.message(f"[bold red]eval {label}: no result:[/bold red] {escape(str(err))}")
+        logger.metrics({"eval/reward_failed": 1.0}, step)
+        return {"error": str(err)}
     results["time_s"] = time.perf_counter() - start
     logger.metrics({f"eval/{k}": v for k, v in results.items()}, step)
+    failures = getattr(evaluator, "last_failures", "")
+    meaning = getattr(getattr(evaluator, "rewards", None), "accuracy_meaning", "")
     logger.message(
         f"[bold]eval {label}:[/bold] accuracy {results['accuracy']:.3f}  reward {results['reward_mean']:.3f}  "
         f"({results['n_prompts']} held-out prompts, {results['time_s']:.1f}s)"
+        + (f"\n[yellow]  {escape(failures)}[/yellow]" if failures else "")
     )
+    if step == 0 and meaning:
+        logger.message(f"  accuracy counts an answer as correct when {escape(meaning)}")
     return results

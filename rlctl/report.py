@@ -119,7 +119,7 @@ def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
         f"- steps: {last.get('step', 0)} × {config['prompts_per_step']} prompts × {config['algo']['group_size']} completions",
         "", "## Results", "",
     ]  # fmt: skip
-    if evaluation.get("before") and evaluation.get("after"):
+    if all("accuracy" in (evaluation.get(k) or {}) for k in ("before", "after")):
         lines += ["| held-out | before | after |", "|---|---|---|"]
         for key in ("accuracy", "reward_mean"):
             lines.append(f"| {key} | {evaluation['before'][key]:.3f} | {evaluation['after'][key]:.3f} |")
@@ -228,9 +228,11 @@ def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
             continue
         evaluation = json.loads((job / "eval.json").read_text()) if (job / "eval.json").exists() else {}
         record.update(status="done", **{k: last[k] for k in SWEEP_COLUMNS if k in last})
-        record.update({f"eval_{k}": evaluation[k]["accuracy"] for k in ("before", "after") if evaluation.get(k)})
+        record.update({f"eval_{k}": evaluation[k]["accuracy"] for k in ("before", "after")
+                       if "accuracy" in (evaluation.get(k) or {})})  # fmt: skip
         cells = [f"{last[k]:.4g}" if k in last else "-" for k in SWEEP_COLUMNS]
-        cells += [f"{evaluation[k]['accuracy']:.3f}" if evaluation.get(k) else "-" for k in ("before", "after")]
+        cells += [f"{evaluation[k]['accuracy']:.3f}" if "accuracy" in (evaluation.get(k) or {}) else "-"
+                  for k in ("before", "after")]  # fmt: skip
         table.add_row(job.name, overrides, *cells)
         records.append(record)
     (console or Console()).print(table)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from rich.markup import escape
 
 from rlctl import models
 from rlctl.checkpoint import CheckpointPolicy
@@ -32,7 +33,7 @@ from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import Example, SourceSpec
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
-from rlctl.evaluate import Evaluator
+from rlctl.evaluate import Evaluator, HeldOutRewardFailed
 from rlctl.offline import (
     OfflineRun,
     OfflineSettings,
@@ -119,9 +120,14 @@ class SupervisedObjective:
         results = {"loss": nll / max(tokens, 1.0), "n_demonstrations": len(self.held_out)}
         line = f"held-out loss {results['loss']:.4f} ({len(self.held_out)} demonstrations)"
         if self.evaluator is not None:
-            task = self.evaluator(engine)
+            try:
+                task = self.evaluator(engine)
+            except HeldOutRewardFailed as err:
+                return {**results, "error": str(err)}, line + f"  no accuracy: {escape(str(err))}"
             results.update(task)
             line += f"  accuracy {task['accuracy']:.3f}  reward {task['reward_mean']:.3f} ({task['n_prompts']} prompts)"
+            if self.evaluator.last_failures:
+                line += f"\n[yellow]  {escape(self.evaluator.last_failures)}[/yellow]"
         return results, line
 
 

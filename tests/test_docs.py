@@ -204,7 +204,7 @@ def test_the_mistakes_page_commands_are_refused(monkeypatch):
             result = check_command(command)
         except (RlctlError, HydraException, OmegaConfBaseException, AssertionError, ValueError):
             continue
-        if result == "composed":  # eval and generate check their values only once they run
+        if result in ("composed", "template"):  # eval and generate check values once they run; "…" is a pattern
             continue
         raise AssertionError(f"{command.where}: `{command.text}` is listed as a mistake but passes ({result})")
 

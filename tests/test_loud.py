@@ -254,3 +254,53 @@ def test_train_log_keeps_library_warnings_too(tmp_path):
     log = (tmp_path / "train.log").read_text()
     assert "eval before training: accuracy 0.5" in log and "[bold]" not in log
     assert log.count("warning: a transformers warning") == 1 and "a python warning" in log
+
+
+def test_a_reward_that_fails_in_evaluation_is_reported_never_scored_as_zero(tmp_path):
+    # It used to print reward_mean 0.0, accuracy 0.0 and exit 0: fallback scores read as a result.
+    broken = tmp_path / "broken.py"
+    broken.write_text("def score(completion, answer):\n    raise ValueError('boom')\n")
+    result = rlctl("eval", "model=tiny", "rollout=hf", "rollout.max_new_tokens=2", "data.eval_size=4",
+                   f"reward.fn={broken}:score")  # fmt: skip
+    assert result.returncode == 1 and result.stdout == ""
+    assert (
+        f"failed on every one of the 4 held-out samples, so there is no held-out score: ValueError: boom"
+        in result.stderr
+    )
+    # Inside train: the evaluation before training says so in its own line and keeps no accuracy.
+    run = tmp_path / "run"
+    trained = rlctl("train", "recipe=smoke", f"reward.fn={broken}:score", f"hydra.run.dir={run}")
+    assert "eval before training: no result: reward" in trained.stdout
+    assert "accuracy 0.000" not in trained.stdout
+    # A reward that fails on some samples: the score stands, and the failures are said beside it.
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(
+        "def score(completion, answer):\n    if int(answer) % 2:\n        raise ValueError('odd')\n    return 1.0\n"
+    )
+    partial = rlctl("eval", "model=tiny", "rollout=hf", "rollout.max_new_tokens=2", "data.eval_size=8",
+                    f"reward.fn={flaky}:score")  # fmt: skip
+    errors = json.loads(partial.stdout)["reward_errors"]
+    assert (
+        0 < errors < 8
+        and f"failed on {int(errors)} of 8 held-out samples (scored reward.fallback): ValueError: odd" in partial.stderr
+    )
+
+
+def test_accuracy_of_a_custom_reward_is_the_exact_answer_rule_unless_told_otherwise(tmp_path):
+    # A reward of 1.0 for everything used to make a random model's gibberish "accuracy 1.000".
+    always = tmp_path / "always.py"
+    always.write_text("def score(completion, answer):\n    return 1.0\n")
+    common = ["model=tiny", "rollout=hf", "rollout.max_new_tokens=2", "data.eval_size=8", f"reward.fn={always}:score"]
+    by_rule = json.loads(rlctl("eval", *common).stdout)
+    assert by_rule["reward_mean"] == 1.0 and by_rule["accuracy"] < 1.0  # 2 random tokens rarely hold the sum
+    assert by_rule["accuracy_counts"] == "correct when the exact_number rule says the answer is right"
+    by_term = json.loads(rlctl("eval", *common, "reward.accuracy=term").stdout)
+    assert (
+        by_term["accuracy"] == 1.0
+        and by_term["accuracy_counts"] == f"correct when reward term '{always}:score' scores ≥ 1"
+    )
+    judge = tmp_path / "judge.py"
+    judge.write_text("def right(completion, answer):\n    return False\n")
+    assert json.loads(rlctl("eval", *common, f"reward.accuracy={judge}:right").stdout)["accuracy"] == 0.0
+    bad = rlctl("eval", *common, "reward.accuracy=exactly")
+    assert bad.returncode == 1 and "reward.accuracy: must be auto, term, one of the rules" in bad.stderr

@@ -87,25 +87,25 @@ def format_match(completion: str, answer: str, pattern: str | None = None) -> fl
     return float(re.search(pattern, completion, flags=re.DOTALL) is not None)
 
 
-def load_user_reward(spec: str) -> Callable[..., float]:
+def load_user_reward(spec: str, key: str = "reward.fn") -> Callable[..., float]:
     """A reward function from a file: ``"path/to/my_reward.py:score"``, where ``score(completion, answer)``
-    returns a float (or step rewards, see the module docstring)."""
+    returns a float (or step rewards, see the module docstring). ``key`` names the setting in errors."""
     path, _, name = spec.rpartition(":")
     if not path.endswith(".py") or not name:
-        raise RlctlError(f"reward.fn: expected 'path/to/file.py:function', got {spec!r}")
+        raise RlctlError(f"{key}: expected 'path/to/file.py:function', got {spec!r}")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise RlctlError(f"reward.fn: file not found: {file}")
+        raise RlctlError(f"{key}: file not found: {file}")
     module_spec = importlib.util.spec_from_file_location(f"rlctl_user_reward_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # the user's module may raise anything while importing
-        raise RlctlError(f"reward.fn: importing {file} failed: {type(err).__name__}: {err}") from None
+        raise RlctlError(f"{key}: importing {file} failed: {type(err).__name__}: {err}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise RlctlError(f"reward.fn: {file} defines no function {name!r} (it defines: {defined})")
+        raise RlctlError(f"{key}: {file} defines no function {name!r} (it defines: {defined})")
     signature = inspect.signature(fn)
     if "completions" in signature.parameters:  # TRL's batched convention
         answers_name = "answers" if "answers" in signature.parameters else "answer"
@@ -113,7 +113,7 @@ def load_user_reward(spec: str) -> Callable[..., float]:
             signature.bind(completions=[], **({answers_name: []} if answers_name in signature.parameters else {}))
         except TypeError:
             raise RlctlError(
-                f"reward.fn: {name}{signature} in {file}: a batched reward gets completions= and answers= (lists) "
+                f"{key}: {name}{signature} in {file}: a batched reward gets completions= and answers= (lists) "
                 "and returns a list of scores; it may not require other arguments"
             ) from None
         return BatchedReward(fn, answers_name, takes_prompts="prompts" in signature.parameters)
@@ -121,7 +121,7 @@ def load_user_reward(spec: str) -> Callable[..., float]:
         signature.bind("completion", "answer")
     except TypeError:
         raise RlctlError(
-            f"reward.fn: {name}{signature} in {file} must accept (completion, answer) and return a score, or, "
+            f"{key}: {name}{signature} in {file} must accept (completion, answer) and return a score, or, "
             "batched as in TRL, (completions, answers) and return a list of scores"
         ) from None
     return fn
@@ -174,6 +174,7 @@ class RewardSpec:
     terms: list  # [{"name", "weight", "pattern"}]
     fn: str | None  # a user function "file.py:function" replacing the terms
     accuracy_term: int
+    accuracy: str  # what counts as a correct answer: auto | term | a rule's name | "file.py:function"
     timeout_s: float
     fallback: float
     on_error: str
@@ -183,8 +184,22 @@ class RewardSpec:
         checks = (("timeout_s", self.timeout_s >= 0, "must be ≥ 0 (0 = no limit)"),
                   ("fallback", math.isfinite(self.fallback), "must be a finite number"),
                   ("on_error", self.on_error in ("fallback", "stop"), "must be 'fallback' or 'stop'"),
-                  ("max_failed_steps", self.max_failed_steps >= 1, "must be ≥ 1"))  # fmt: skip
+                  ("max_failed_steps", self.max_failed_steps >= 1, "must be ≥ 1"),
+                  ("accuracy", self.accuracy in ("auto", "term", *RULES) or ".py:" in self.accuracy,
+                   f"must be auto, term, one of the rules {sorted(RULES)} or 'path/to/file.py:function'"))  # fmt: skip
         check_fields(self, checks)
+
+    def accuracy_rule(self, answer_format: str = "plain") -> tuple[Callable | None, str]:
+        """(the rule that decides `accuracy`, or None for "the accuracy term's score ≥ 1"; what it means in words)."""
+        choice = self.accuracy
+        if choice == "auto":
+            choice = ("gsm8k" if answer_format == "gsm8k" else "exact_number") if self.fn else "term"
+        if choice == "term":
+            name = self.term_list()[self.accuracy_term].name if 0 <= self.accuracy_term < len(self.term_list()) else "?"
+            return None, f"reward term {name!r} scores ≥ 1"
+        if choice in RULES:
+            return RULES[choice], f"the {choice} rule says the answer is right"
+        return load_user_reward(choice, key="reward.accuracy"), f"{choice} returns true"
 
     def term_list(self) -> list[Term]:
         if self.fn:
@@ -234,6 +249,8 @@ class WeightedRewards:
         fallback: float = 0.0,
         on_error: str = "fallback",
         scorers: dict | None = None,
+        accuracy_rule: Callable | None = None,
+        accuracy_meaning: str = "",
     ):
         if not terms:
             raise RlctlError("reward.terms: at least one reward term is needed")
@@ -245,6 +262,9 @@ class WeightedRewards:
         scorers = scorers or {}  # term name -> a batch scorer built from its settings (a model, a server)
         self.functions = [scorers[term.name] if term.name in scorers else resolve_rule(term.name) for term in terms]
         self.timeout_s, self.fallback, self.on_error = timeout_s, fallback, on_error
+        # what `accuracy` counts: a rule of its own, or (None) the accuracy term's score ≥ 1
+        self.accuracy_rule = accuracy_rule
+        self.accuracy_meaning = accuracy_meaning or f"reward term {terms[accuracy_term].name!r} scores ≥ 1"
         self.errors = 0  # calls that failed since construction
         self._failures: dict[str, tuple[int, str]] = {}  # of the current call: term -> (count, first error)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -349,5 +369,10 @@ class WeightedRewards:
             key = term.name if term.name not in per_term else f"{term.name}_{index}"
             per_term[key] = scores
             total += term.weight * scores
-        correct = list(per_term.values())[self.accuracy_term] >= 1.0
+        if self.accuracy_rule is None:
+            correct = list(per_term.values())[self.accuracy_term] >= 1.0
+        else:
+            judge = Term("accuracy", 1.0, {})
+            correct = torch.tensor([float(self._call(self.accuracy_rule, judge, c, a)) >= 1.0
+                                    for c, a in zip(completions, answers)], dtype=torch.bool)  # fmt: skip
         return RewardResult(total, correct, per_term, steps if any_steps else None, dict(self._failures))
