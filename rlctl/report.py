@@ -25,6 +25,10 @@ PANELS = {"reward/mean": (CURVES, "accuracy", "accuracy"), "loss/rm": (RM_CURVES
           "loss/sft": (SFT_CURVES, "loss/sft", "loss"), "loss/dpo": (DPO_CURVES, "dpo/accuracy", "preference_accuracy")}  # fmt: skip
 STEP_KEYS = tuple(PANELS)  # a metrics row holding one of these is a training step
 SWEEP_COLUMNS = ("reward/mean", "accuracy", "kl", "response_len/mean")
+# Per command: the last step's metrics a sweep table shows, and the held-out result of eval.json it compares.
+SWEEP_OF = {"train": (SWEEP_COLUMNS, "accuracy"), "sft": (("loss/sft", "sft/token_nll"), "loss"),
+            "dpo": (("loss/dpo", "dpo/accuracy", "dpo/reward_margin"), "preference_accuracy"),
+            "rm": (("loss/rm", "rm/accuracy"), "pairwise_accuracy")}  # fmt: skip
 SHORT_NAMES = {"reward/mean": "reward", "accuracy": "acc", "response_len/mean": "len", "eval before": "before",
                "eval after": "after"}  # fmt: skip
 
@@ -185,16 +189,18 @@ def stage_model_card(stage: str, run_dir: Path, config: dict[str, Any], command:
     return "\n".join(lines)
 
 
-def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
-    """A table of every job under a multirun folder: its overrides, final metrics, held-out accuracy.
+def sweep_table(sweep_dir: Path, console: Console | None = None, command: str = "train") -> Table:
+    """A table of every job under a multirun folder: its overrides, final metrics, held-out result
+    (``command``'s: accuracy for train, loss for sft, preference or pairwise accuracy for dpo and rm).
     Printed, and written beside the jobs as ``summary.md`` and ``summary.jsonl``; a failed job is
     marked failed with its error."""
     from rich import box
 
+    columns, result_key = SWEEP_OF[command]
     table = Table(title=f"sweep {sweep_dir}", box=box.SIMPLE_HEAD)  # light borders: room for the columns
     table.add_column("job")
     table.add_column("overrides", overflow="fold", min_width=20)  # wraps; never squeezed out
-    for column in (*SWEEP_COLUMNS, "eval before", "eval after"):
+    for column in (*columns, "eval before", "eval after"):
         table.add_column(SHORT_NAMES.get(column, column), justify="right")
     jobs = sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     overrides_of = {}
@@ -222,31 +228,33 @@ def sweep_table(sweep_dir: Path, console: Console | None = None) -> Table:
             table.add_row(
                 job.name,
                 f"{overrides}\n[red]failed: {error}[/red]",
-                *["[red]failed[/red]"] + [""] * (len(SWEEP_COLUMNS) + 1),
+                *["[red]failed[/red]"] + [""] * (len(columns) + 1),
             )
             records.append(record)
             continue
         evaluation = json.loads((job / "eval.json").read_text()) if (job / "eval.json").exists() else {}
-        record.update(status="done", **{k: last[k] for k in SWEEP_COLUMNS if k in last})
-        record.update({f"eval_{k}": evaluation[k]["accuracy"] for k in ("before", "after")
-                       if "accuracy" in (evaluation.get(k) or {})})  # fmt: skip
-        cells = [f"{last[k]:.4g}" if k in last else "-" for k in SWEEP_COLUMNS]
-        cells += [f"{evaluation[k]['accuracy']:.3f}" if "accuracy" in (evaluation.get(k) or {}) else "-"
+        record.update(status="done", **{k: last[k] for k in columns if k in last})
+        record.update({f"eval_{k}": evaluation[k][result_key] for k in ("before", "after")
+                       if result_key in (evaluation.get(k) or {})})  # fmt: skip
+        cells = [f"{last[k]:.4g}" if k in last else "-" for k in columns]
+        cells += [f"{evaluation[k][result_key]:.3f}" if result_key in (evaluation.get(k) or {}) else "-"
                   for k in ("before", "after")]  # fmt: skip
         table.add_row(job.name, overrides, *cells)
         records.append(record)
     (console or Console()).print(table)
-    _write_summary(Path(sweep_dir), records, every_job)
+    _write_summary(Path(sweep_dir), records, every_job, columns, result_key)
     return table
 
 
-def _write_summary(sweep_dir: Path, records: list[dict[str, Any]], every_job: str) -> None:
+def _write_summary(sweep_dir: Path, records: list[dict[str, Any]], every_job: str, metrics: tuple[str, ...],
+                   result_key: str) -> None:  # fmt: skip
     with (sweep_dir / "summary.jsonl").open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
-    columns = ["job", "status", "overrides", *SWEEP_COLUMNS, "eval_before", "eval_after", "error"]
+    columns = ["job", "status", "overrides", *metrics, "eval_before", "eval_after", "error"]
+    lines_head = [f"held-out result (eval_before, eval_after): {result_key}", ""]
     used = [c for c in columns if any(c in r for r in records)]
-    lines = [f"# sweep {sweep_dir}", ""] + ([f"Every job: `{every_job}`", ""] if every_job else [])
+    lines = [f"# sweep {sweep_dir}", "", *lines_head] + ([f"Every job: `{every_job}`", ""] if every_job else [])
     lines += ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for record in records:
         cells = [record.get(c, "") for c in used]

@@ -131,7 +131,9 @@ def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = rlctl("train", "-m", "recipe=smoke", "steps=1", "eval.enabled=false", "save_final=false",
                    "optim.lr=1e-5,-1,2e-5", f"hydra.sweep.dir={sweep}", isolated=True)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    # The other jobs ran; the sweep as a whole failed (it used to exit 0 even when every job failed).
+    assert result.returncode == 1
+    assert f"error: 1 of 3 sweep jobs failed (1); see {sweep / 'summary.md'}" in result.stderr
     records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["done", "failed", "done"]
     assert "optim.lr: must be a positive number" in records[1]["error"]
@@ -147,6 +149,23 @@ def test_a_sweep_goes_on_past_a_failing_job_and_writes_its_summary(tmp_path):
     text = console.export_text()
     assert "optim.lr=2e-05" in text and "failed: optim.lr: must be" in text.replace("\n        ", " ")
     assert "after" in text
+
+
+@pytest.mark.integration
+def test_sft_and_dpo_sweeps_end_with_their_summary_and_fail_when_a_job_did(tmp_path):
+    sweep = tmp_path / "sft"
+    result = rlctl("sft", "-m", "model=tiny", "steps=1", "examples_per_step=2", "eval.enabled=false", "save_final=false",
+                   "optim.lr=1e-4,-1", f"hydra.sweep.dir={sweep}", isolated=True)  # fmt: skip
+    assert result.returncode == 1 and "1 of 2 sweep jobs failed" in result.stderr
+    records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["done", "failed"] and "loss/sft" in records[0]
+    assert "held-out result (eval_before, eval_after): loss" in (sweep / "summary.md").read_text()
+    sweep = tmp_path / "dpo"
+    result = rlctl("dpo", "-m", "model=tiny", "steps=1", "pairs_per_step=2", "data.pairs_per_problem=1",
+                   "eval.enabled=false", "save_final=false", "beta=0.1,0.5", f"hydra.sweep.dir={sweep}", isolated=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["done", "done"] and all("loss/dpo" in r for r in records)
 
 
 @pytest.mark.parametrize(
