@@ -41,7 +41,7 @@ from rlctl.optim.engine import (
 from rlctl.optim.layout import BatchLayout
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
-from rlctl.rewards.model import ModelReward, ModelRewardSpec
+from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
 from rlctl.rewards.rules import RewardSpec, load_user_reward
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
@@ -179,7 +179,7 @@ def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, Ht
         if name in names and not value:
             raise RlctlError(f"{key}: the {name} term needs it (reward.terms names {name!r}); set {key}=...")
     if "reward_model" in names:
-        models.check_path(model.model_path, "reward.model_path")
+        check_reward_model_config(model.model_path)
     if "http" in names:
         HttpReward(http)  # checks the URL and that the header variables are set
     for name in names:  # your functions load, with the right signature, before anything else does
@@ -199,14 +199,38 @@ def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) 
         scorers["reward_model"] = ModelReward(model_spec, cfg.model.dtype, cfg.model.trust_remote_code, zero, autocast)
     if "http" in names:
         scorers["http"] = HttpReward(http_spec)
-    accuracy_rule, meaning = rules.accuracy_rule(cfg.data.answer_format if "data" in cfg else "plain")
+    accuracy_rule, meaning = rules.accuracy_rule(cfg.data.answer_format)
     return WeightedRewards(terms, rules.accuracy_term, rules.timeout_s, rules.fallback, rules.on_error, scorers,
                            accuracy_rule, meaning)  # fmt: skip
 
 
-def build_prompts(cfg: DictConfig, tokenizer) -> tuple[PromptSet, PromptSet]:
-    source, prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)
-    train, held_out = load_examples(source.source, source)
+# Reward terms that never read the reference answer: prompt-only data is enough for them.
+ANSWER_FREE_TERMS = ("format", "reward_model", "http")
+
+
+def read_examples(cfg: DictConfig, reward: DictConfig | None = None):
+    """(training, held-out) examples of the ``data`` group. Rows without an answer are accepted when
+    no reward term of ``reward`` (the reward group; None: nothing scores them) reads one (a reward model,
+    a server, a format rule); else one line names the row."""
+    source = fill("data", cfg.data, SourceSpec, PromptFormat)[0]
+    train, held_out = load_examples(source.source, source)  # held-out cut to data.eval_size
+    unanswered = next((e for e in [*train, *held_out] if e.answer is None), None)
+    if unanswered is not None:
+        terms = reward_settings(reward)[0].term_list() if reward is not None else []
+        readers = sorted({t.name for t in terms} - set(ANSWER_FREE_TERMS))
+        if readers:
+            raise RlctlError(
+                f"data: row {unanswered.origin} has no field {source.answer_field!r}, and the reward terms {readers} "
+                "compare with a reference answer; prompt-only data needs a reward that reads none (reward=model, "
+                "reward=http), or set data.answer_field"
+            )
+        train, held_out = ([replace(e, answer="") for e in part] for part in (train, held_out))
+    return train, held_out
+
+
+def build_prompts(cfg: DictConfig, tokenizer, reward: DictConfig | None = None) -> tuple[PromptSet, PromptSet]:
+    prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)[1]
+    train, held_out = read_examples(cfg, reward)
     return encode_prompts(train, prompt_format, tokenizer), encode_prompts(held_out, prompt_format, tokenizer)
 
 
@@ -429,7 +453,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         saved = check_resumable(resume_from, config, algo.needs_values, ranks.world_size)
         if ranks.is_main:
             drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
-    examples = load_examples(settings.source.source, settings.source)  # data errors come before any model loads
+    examples = read_examples(cfg, cfg.reward)  # data errors come before any model loads
     policy_from = str(resume_from / "policy") if resume_from else None
     model, tokenizer = load_model_and_tokenizer(cfg, policy_from, settings.lora)
     rollout_folder = (  # before ZeRO-3 partitions the weights; an adapter's merged weights come at the first sync

@@ -70,10 +70,25 @@ def dry_run(cfg, run_dir: Path) -> None:
     parts = [f"algo {algo.name} (advantage {algo.advantage}, loss {algo.policy_loss}, aggregation {algo.loss_agg})",
              f"critic {'yes' if algo.needs_values else 'no'}", f"reference {'yes' if algo.needs_reference else 'no'}",
              f"old log-probs {'stored before the first update' if algo.needs_old_logprobs(settings.layout.updates_per_step) else 'not needed (one update per step)'}"]  # fmt: skip
+    data_line = _data_line(cfg, settings.source)  # reads the data: its errors come before "config OK"
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
+    print(data_line)
     print("; ".join(parts))
     print(settings.layout.describe())
     print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")
+
+
+def _data_line(cfg, source) -> str:
+    """What the dry run says of the data: read and counted (every row checked), unless it is on the hub."""
+    from rlctl.build import read_examples
+
+    on_hub = source.source == "hf" or (source.source == "gsm8k" and not source.path) or (
+        source.path and not Path(source.path).expanduser().exists() and source.path.count("/") == 1
+        and not Path(source.path).suffix)  # fmt: skip
+    if on_hub:
+        return f"data: hub dataset {source.path or 'openai/gsm8k'}: read when the run starts, not by the dry run"
+    train, held_out = read_examples(cfg, cfg.reward)
+    return f"data: {len(train)} training prompts, {len(held_out)} held-out (every row read and checked)"
 
 
 def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
@@ -316,7 +331,7 @@ def run_eval(cfg) -> dict:
 
     rewards = build_rewards(cfg, autocast=make_accelerator(cfg.engine.precision).autocast)
     policy, tokenizer, rollout = build_inference(cfg)
-    _, held_out = build_prompts(cfg, tokenizer)
+    _, held_out = build_prompts(cfg, tokenizer, cfg.reward)
     evaluator = build_evaluator(cfg, held_out, rewards, rollout)
     if evaluator is None:
         fail("eval: no held-out prompts to evaluate on (check data.* and eval.enabled)")

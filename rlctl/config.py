@@ -86,7 +86,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "arithmetic"  # arithmetic | gsm8k | jsonl | hf
-    path: str | None = None  # jsonl: file; gsm8k: local JSONL instead of the hub; hf: dataset id
+    # jsonl: a JSONL, JSON, CSV or Parquet file, a save_to_disk folder or a hub id; gsm8k: a local copy; hf: a hub id
+    path: str | None = None
     subset: str | None = None  # hf: dataset configuration name (gsm8k: "main")
     split: str = "train"  # split to train on (hf / gsm8k hub)
     eval_path: str | None = None  # held-out file; None: a split of `path` or `eval_split`
@@ -267,8 +268,14 @@ class GenerateConfig:
 @dataclass
 class PreferenceDataConfig:
     source: str = "arithmetic"  # arithmetic (built-in pairs) | jsonl (rows with prompt, chosen, rejected[, margin])
-    path: str | None = None  # jsonl: the file of preference pairs
+    # jsonl: the pairs: a JSONL, JSON, CSV or Parquet file, a save_to_disk folder, or a hub id
+    path: str | None = None
     eval_path: str | None = None  # held-out pairs; None: a split of `path` (arithmetic: the held-out problems)
+    split: str = "train"  # a save_to_disk folder's or hub dataset's split to train on
+    eval_split: str = "test"  # its split of held-out pairs, when eval_path names the same folder or id
+    prompt_field: str = "prompt"  # row field of the prompt; a row without it: the beginning chosen and rejected share
+    chosen_field: str = "chosen"  # row field of the preferred reply (or whole conversation)
+    rejected_field: str = "rejected"  # row field of the other reply
     eval_fraction: float = 0.2  # share of rows (arithmetic: of problems) held out when there is no eval_path
     eval_size: int = 256  # held-out pairs used by evaluation (fewer if there are fewer)
     seed: int = 0  # seed of the split, the pair order and the built-in pairs

@@ -283,7 +283,7 @@ def test_a_reward_that_fails_in_evaluation_is_reported_never_scored_as_zero(tmp_
                    f"reward.fn={broken}:score")  # fmt: skip
     assert result.returncode == 1 and result.stdout == ""
     assert (
-        f"failed on every one of the 4 held-out samples, so there is no held-out score: ValueError: boom"
+        "failed on every one of the 4 held-out samples, so there is no held-out score: ValueError: boom"
         in result.stderr
     )
     # Inside train: the evaluation before training says so in its own line and keeps no accuracy.

@@ -65,7 +65,8 @@ def test_micro_batches_give_the_update_of_the_whole_batch(tmp_path):
 
 
 def test_builtin_pairs_split_by_problem_and_differ(tokenizer):
-    spec = PreferenceSpec("arithmetic", None, None, 0.2, 256, 0, 1, 2, "+", 4, 0.5, None, 512)
+    spec = PreferenceSpec("arithmetic", None, None, "train", "test", "prompt", "chosen", "rejected", 0.2, 256, 0, 1, 2,
+                          "+", 4, 0.5, None, 512)  # fmt: skip
     train, held_out = load_pairs(spec)
     assert len(train) == 4 * 84 and len(held_out) == 4 * 16  # 100 problems, 16 held out by hash
     assert not {p.origin for p in train} & {p.origin for p in held_out}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlctl.data.prompts import PromptFormat, conversation
-from rlctl.data.sources import Example, SourceSpec, arithmetic, gsm8k_final_answer, read_jsonl, split_held_out
+from rlctl.data.sources import Example, SourceSpec, arithmetic, gsm8k_final_answer, read_rows, split_held_out
 from rlctl.errors import RlctlError
 
 Messages = list[dict]
@@ -144,9 +144,9 @@ def demonstration_from_row(row: dict, origin: str, source: SourceSpec, fmt: Prom
 def _jsonl(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
     if not source.path:
         raise RlctlError(f"data.path: the {source.source} source of rlctl sft needs a JSONL file (data.path=...)")
-    demos = [demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_jsonl(source.path)]
+    demos = [demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_rows(source.path, source.split)]
     if source.eval_path:
-        held = [demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_jsonl(source.eval_path)]
+        held = [demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_rows(source.eval_path, source.eval_split)]
         return demos, held
     return split_held_out(demos, source)
 

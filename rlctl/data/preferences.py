@@ -1,9 +1,12 @@
 """Preference pairs for reward models (and DPO): a prompt, a chosen reply and a rejected one.
 
-JSONL rows take the format of TRL and OpenRLHF: ``prompt``, ``chosen``, ``rejected`` as strings, or
-as chat messages (``[{"role", "content"}, ...]``); a ``chosen``/``rejected`` conversation that
-repeats the prompt's messages first is taken as the whole conversation. An optional ``margin``
-(a number) asks the reward model for at least that gap. The built-in pairs come from the
+Rows (JSONL, JSON, CSV, Parquet, a save_to_disk folder or a hub id) take the format of TRL and
+OpenRLHF: ``prompt``, ``chosen``, ``rejected`` as strings, or as chat messages (``[{"role",
+"content"}, ...]``); a ``chosen``/``rejected`` conversation that repeats the prompt's messages first
+is taken as the whole conversation. Without a prompt (TRL's implicit-prompt form, OpenRLHF's whole
+conversations) the two sides' shared beginning is the prompt: their common messages, or their
+common text. The field names are settings (``data.prompt_field``, ...). An optional ``margin`` (a
+number) asks the reward model for at least that gap. The built-in pairs come from the
 arithmetic task, split by problem like its prompts.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rlctl.data.sources import ARITHMETIC_INSTRUCTION, SourceSpec, arithmetic, read_jsonl, split_held_out
+from rlctl.data.sources import ARITHMETIC_INSTRUCTION, SourceSpec, arithmetic, read_rows, split_held_out
 from rlctl.errors import RlctlError
 
 Messages = list[dict]
@@ -35,6 +38,11 @@ class PreferenceSpec:
     source: str  # arithmetic | jsonl
     path: str | None
     eval_path: str | None
+    split: str  # a save_to_disk folder's or a hub dataset's split of training pairs
+    eval_split: str  # ... and of held-out pairs (with eval_path)
+    prompt_field: str
+    chosen_field: str
+    rejected_field: str
     eval_fraction: float
     eval_size: int
     seed: int
@@ -59,7 +67,10 @@ class PreferenceSpec:
 
 
 def _messages(value, field: str, origin: str, role: str | None) -> Messages:
-    """A string (as one message of ``role``) or chat messages, checked."""
+    """A string (as one message of ``role``) or chat messages, checked. A number (a CSV column of
+    numbers) is its text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
     if isinstance(value, str):
         if not value.strip():
             raise RlctlError(f"data: row {origin}: field {field!r} is empty")
@@ -75,17 +86,45 @@ def _messages(value, field: str, origin: str, role: str | None) -> Messages:
     )
 
 
-def pair_from_row(row: dict, origin: str, system_prompt: str | None = None) -> PreferencePair:
-    missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+def _shared_prompt(chosen, rejected, origin: str) -> tuple:
+    """(prompt, chosen reply, rejected reply) of a row without a prompt: the shared beginning is the
+    prompt (whole messages of two conversations, or the common text of two strings)."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise RlctlError(f"data: row {origin} has no prompt, and its two conversations share no first message")
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if not chosen[:shared].strip():
+            raise RlctlError(f"data: row {origin} has no prompt, and its chosen and rejected texts share no beginning")
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    raise RlctlError(f"data: row {origin} has no prompt; chosen and rejected must then both be texts or both conversations")
+
+
+def pair_from_row(row: dict, origin: str, system_prompt: str | None = None, fields: tuple[str, str, str] = (
+        "prompt", "chosen", "rejected")) -> PreferencePair:  # fmt: skip
+    prompt_field, chosen_field, rejected_field = fields
+    missing = [key for key in (chosen_field, rejected_field) if key not in row]
     if missing:
         raise RlctlError(
             f"data: row {origin} has no field {missing[0]!r} (fields: {sorted(row)}); a preference row needs "
-            "prompt, chosen and rejected"
+            f"{chosen_field} and {rejected_field} (and {prompt_field}, or a beginning the two share)"
         )
-    prompt = _messages(row["prompt"], "prompt", origin, "user")
+    if prompt_field in row:
+        raw_prompt, raw_chosen, raw_rejected = row[prompt_field], row[chosen_field], row[rejected_field]
+    else:
+        raw_prompt, raw_chosen, raw_rejected = _shared_prompt(row[chosen_field], row[rejected_field], origin)
+    prompt = _messages(raw_prompt, prompt_field, origin, "user")
     replies = []
-    for field in ("chosen", "rejected"):
-        reply = _messages(row[field], field, origin, "assistant")
+    for field, raw in ((chosen_field, raw_chosen), (rejected_field, raw_rejected)):
+        if isinstance(raw, str) and not raw.strip() and prompt_field not in row:
+            raise RlctlError(f"data: row {origin}: field {field!r} holds nothing beyond the prompt the two sides share")
+        reply = _messages(raw, field, origin, "assistant")
         if reply[: len(prompt)] == prompt and len(reply) > len(prompt):  # the whole conversation (OpenRLHF)
             reply = reply[len(prompt) :]
         replies.append(reply)
@@ -102,11 +141,14 @@ def pair_from_row(row: dict, origin: str, system_prompt: str | None = None) -> P
 def _jsonl(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
     if not spec.path:
         raise RlctlError(
-            "data.path: the jsonl source needs a file of preference pairs (data.path=/path/to/pairs.jsonl)"
+            "data.path: the jsonl source needs a file of preference pairs (data.path=/path/to/pairs.jsonl; also JSON, "
+            "CSV, Parquet, a save_to_disk folder or a hub id)"
         )
-    pairs = [pair_from_row(row, origin, spec.system_prompt) for origin, row in read_jsonl(spec.path)]
+    fields = (spec.prompt_field, spec.chosen_field, spec.rejected_field)
+    pairs = [pair_from_row(row, origin, spec.system_prompt, fields) for origin, row in read_rows(spec.path, spec.split)]
     if spec.eval_path:
-        return pairs, [pair_from_row(row, origin, spec.system_prompt) for origin, row in read_jsonl(spec.eval_path)]
+        return pairs, [pair_from_row(row, origin, spec.system_prompt, fields)
+                       for origin, row in read_rows(spec.eval_path, spec.eval_split)]  # fmt: skip
     return split_held_out(pairs, spec)
 
 

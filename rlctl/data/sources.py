@@ -23,7 +23,7 @@ Prompt = str | list  # a plain string, or chat messages [{"role": ..., "content"
 @dataclass(frozen=True)
 class Example:
     prompt: Prompt  # what the policy is asked
-    answer: str  # the reference answer the reward compares against
+    answer: str | None  # the reference answer the reward compares against (None: the row has none)
     origin: str  # where it came from ("train.jsonl:17"), for error messages and sample tables
 
 
@@ -138,11 +138,28 @@ def arithmetic(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
 # --- files and hub datasets ----------------------------------------------------------------------
 
 
-def read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows of a JSONL file with their origin ("file:row"); blank lines are skipped."""
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # read through `datasets`
+
+
+def read_rows(path: str, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a data file with their origin ("file:row", 1-based), in the formats `datasets` reads:
+    JSONL, JSON (an array of objects, or one object per line), CSV, Parquet, Arrow, a folder written
+    by `Dataset.save_to_disk` (a `DatasetDict` one gives its ``split``), or a hub id (``split``)."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        return _saved_dataset_rows(file, split)
     if not file.is_file():
-        raise RlctlError(f"data: file not found: {file}")
+        if file.suffix or path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise RlctlError(f"data: file not found: {file}")
+        return _hub_rows(path, None, split)  # "org/name": a hub dataset
+    if file.suffix in TABLE_FORMATS:
+        return _table_rows(file, TABLE_FORMATS[file.suffix])
+    if file.suffix == ".json" and file.read_text(encoding="utf-8").lstrip().startswith("["):
+        return _json_array_rows(file)
+    return _json_lines(file)
+
+
+def _json_lines(file: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     with file.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -152,12 +169,58 @@ def read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise RlctlError(
-                    f"data: {file}:{number} is not valid JSON ({err.msg}); is this a JSONL file?"
+                    f"data: {file}:{number} is not valid JSON ({err.msg}); is this a JSONL file? (JSONL, JSON, CSV, "
+                    "Parquet, Arrow and save_to_disk folders are read by their suffix)"
+                ) from None
+            except UnicodeDecodeError:
+                raise RlctlError(
+                    f"data: {file} is not text; rlctl reads JSONL, JSON, CSV (.csv), Parquet (.parquet), Arrow (.arrow) "
+                    "and save_to_disk folders, by their suffix"
                 ) from None
             if not isinstance(row, dict):
                 raise RlctlError(f"data: {file}:{number} is a JSON {type(row).__name__}, expected an object")
             rows.append((f"{file}:{number}", row))
     return rows
+
+
+def _json_array_rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        table = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RlctlError(f"data: {file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    bad = next((i for i, row in enumerate(table) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise RlctlError(f"data: {file}: item {bad + 1} of the array is a JSON {type(table[bad]).__name__}, expected an object")
+    return [(f"{file}:{i + 1}", row) for i, row in enumerate(table)]
+
+
+def _table_rows(file: Path, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    import datasets  # imported here: loading it costs a second, and only these formats need it
+
+    try:
+        table = datasets.load_dataset(kind, data_files=str(file), split="train")
+    except Exception as err:  # a malformed file: datasets and pyarrow raise many kinds
+        raise RlctlError(f"data: {file} could not be read as {kind}: {_first_line(err)}") from None
+    return [(f"{file}:{i + 1}", dict(row)) for i, row in enumerate(table)]
+
+
+def _saved_dataset_rows(folder: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as err:
+        raise RlctlError(f"data: {folder} is a folder but not one written by save_to_disk: {_first_line(err)}") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise RlctlError(f"data: {folder} has splits {sorted(saved)}, not {split!r}; pick one with data.split")
+        saved = saved[split]
+    return [(f"{folder}[{split}]:{i + 1}", dict(row)) for i, row in enumerate(saved)]
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def gsm8k_final_answer(text: str) -> str:
@@ -168,9 +231,11 @@ def gsm8k_final_answer(text: str) -> str:
 def rows_to_examples(rows: list[tuple[str, dict[str, Any]]], spec: SourceSpec) -> list[Example]:
     examples = []
     for origin, row in rows:
-        for key in (spec.prompt_field, spec.answer_field):
-            if key not in row:
-                raise RlctlError(f"data: row {origin} has no field {key!r} (fields: {sorted(row)})")
+        if spec.prompt_field not in row:
+            raise RlctlError(f"data: row {origin} has no field {spec.prompt_field!r} (fields: {sorted(row)})")
+        if spec.answer_field not in row:  # prompt-only: fine for a reward that reads no answer (build checks)
+            examples.append(Example(row[spec.prompt_field], None, origin))
+            continue
         prompt, answer = row[spec.prompt_field], row[spec.answer_field]
         if not isinstance(prompt, (str, list)) or not prompt:
             raise RlctlError(
@@ -204,9 +269,9 @@ def split_held_out(examples: list[Example], spec: SourceSpec) -> tuple[list[Exam
 def jsonl(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
     if not spec.path:
         raise RlctlError("data.path: the jsonl source needs a file (data.path=/path/to/train.jsonl)")
-    examples = rows_to_examples(read_jsonl(spec.path), spec)
+    examples = rows_to_examples(read_rows(spec.path, spec.split), spec)
     if spec.eval_path:
-        return examples, rows_to_examples(read_jsonl(spec.eval_path), spec)
+        return examples, rows_to_examples(read_rows(spec.eval_path, spec.eval_split), spec)
     return split_held_out(examples, spec)
 
 
@@ -216,10 +281,17 @@ def _hub_rows(dataset_id: str, subset: str | None, split: str) -> list[tuple[str
     try:
         table = datasets.load_dataset(dataset_id, subset, split=split)
     except Exception as err:  # datasets raises many types for "not found / offline"
+        offline = " (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: no hub here)" if _offline() else ""
         raise RlctlError(
-            f"data: cannot load hub dataset {dataset_id!r} (subset {subset!r}, split {split!r}): {err}"
+            f"data: cannot load hub dataset {dataset_id!r} (subset {subset!r}, split {split!r}){offline}: {_first_line(err)}"
         ) from None
     return [(f"{dataset_id}[{split}]:{i + 1}", dict(row)) for i, row in enumerate(table)]
+
+
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(k, "0") not in ("", "0", "false") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 @source("hf")

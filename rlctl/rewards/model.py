@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,35 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
+def not_a_reward_model(key: str, path: str, architectures: list[str] | None, missing: str) -> RlctlError:
+    return RlctlError(
+        f"{key}: {path!r} is not a reward model ({', '.join(architectures or ['unknown'])}; its weights lack "
+        f"{missing!r}, so its score head would be random); train one with `rlctl rm` or give a sequence-classification "
+        "checkpoint such as Skywork/Skywork-Reward-V2-Qwen3-0.6B"
+    )
+
+
+def several_labels(key: str, path: str, labels: int) -> RlctlError:
+    return RlctlError(f"{key}: {path!r} is a classifier with {labels} labels; a reward model has one (a scalar score per sequence)")
+
+
+def check_reward_model_config(path: str, key: str = "reward.model_path") -> None:
+    """The checks of :func:`load_reward_model` that read only ``config.json`` (the dry run's): a
+    local folder (or run) must hold a sequence classifier with one label. Hub ids are checked on load."""
+    import json
+
+    folder = Path(models.resolve(path, key))
+    if not (folder / "config.json").is_file():
+        return
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise not_a_reward_model(key, path, architectures, "score.weight")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if labels != 1:
+        raise several_labels(key, path, labels)
+
+
 def load_reward_model(
     path: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "reward.model_path"
 ):
@@ -86,17 +116,9 @@ def load_reward_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
-        architectures = ", ".join(model.config.architectures or ["unknown"])
-        raise RlctlError(
-            f"{key}: {path!r} is not a reward model ({architectures}; its weights lack {sorted(info['missing_keys'])[0]!r}, "
-            "so its score head would be random); train one with `rlctl rm` or give a sequence-classification "
-            "checkpoint such as Skywork/Skywork-Reward-V2-Qwen3-0.6B"
-        )
+        raise not_a_reward_model(key, path, model.config.architectures, sorted(info["missing_keys"])[0])
     if model.config.num_labels != 1:
-        raise RlctlError(
-            f"{key}: {path!r} is a classifier with {model.config.num_labels} labels; a reward model has one "
-            "(a scalar score per sequence)"
-        )
+        raise several_labels(key, path, model.config.num_labels)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:  # the head reads the last token that is not padding
