@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
 from rlctl import models
 from rlctl.algos import Algorithm
@@ -170,10 +171,22 @@ def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
     return found
 
 
+def data_warnings(layout: BatchLayout, train_prompts: int) -> list[str]:
+    """What the data makes of the batch layout: a step that asks for more prompts than there are."""
+    asked = layout.prompts_per_step * layout.world_size
+    if asked > train_prompts:
+        return [f"prompts_per_step={layout.prompts_per_step} × {layout.world_size} process(es) = {asked} prompts a step, but "
+                f"there are {train_prompts} training prompts: every step repeats prompts (lower prompts_per_step, or "
+                "add data)"]  # fmt: skip
+    return []
+
+
 def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, HttpRewardSpec]:
     """The ``reward`` group as its three consumers: the weighted terms, the reward model, the server.
     A scorer's term without its key (reward_model without reward.model_path) is refused here."""
     rules, model, http = fill("reward", reward, RewardSpec, ModelRewardSpec, HttpRewardSpec)
+    if rules.fn is not None and ".py:" not in rules.fn:
+        raise RlctlError(f"reward.fn: expected 'path/to/file.py:function', got {rules.fn!r}")
     names = {term.name for term in rules.term_list()}
     for name, key, value in (("reward_model", "reward.model_path", model.model_path), ("http", "reward.url", http.url)):
         if name in names and not value:
@@ -524,8 +537,8 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
                 f"[yellow]data: {prompts.skipped} {name} prompts skipped and {prompts.truncated} truncated "
                 f"(longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}, data.overlong={cfg.data.overlong})"
             )
-    for warning in config_warnings(cfg, training=True):
-        logger.message(f"[yellow]warning: {warning}")
+    for warning in [*config_warnings(cfg, training=True), *data_warnings(layout, len(train_prompts))]:
+        logger.message(f"[yellow]warning: {escape(warning)}")
     if resume_from is None:  # logged once per run
         logger.metrics({"data/train_prompts": len(train_prompts), "data/eval_prompts": len(held_out),
                         "data/prompts_skipped": train_prompts.skipped + held_out.skipped,

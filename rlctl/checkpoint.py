@@ -272,9 +272,10 @@ def export_model(run_dir: Path, engine, tokenizer, ranks) -> Path:
 class StopRequest:
     """SIGTERM or Ctrl-C ask the loop to stop after the current step (a second Ctrl-C stops at once)."""
 
-    def __init__(self):
+    def __init__(self, acknowledge=None):
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._acknowledge = acknowledge  # called with a line the moment a signal arrives
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -288,6 +289,9 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if self._acknowledge is not None:
+            again = "; Ctrl-C again to abandon it" if signum == signal.SIGINT else ""
+            self._acknowledge(f"{self.signal_name}: stopping after this step, then saving{again}")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -87,8 +87,11 @@ def _data_line(cfg, source) -> str:
         and not Path(source.path).suffix)  # fmt: skip
     if on_hub:
         return f"data: hub dataset {source.path or 'openai/gsm8k'}: read when the run starts, not by the dry run"
+    from rlctl.build import data_warnings, read_train_settings
+
     train, held_out = read_examples(cfg, cfg.reward)
-    return f"data: {len(train)} training prompts, {len(held_out)} held-out (every row read and checked)"
+    line = f"data: {len(train)} training prompts, {len(held_out)} held-out (every row read and checked)"
+    return "\n".join([line, *(f"warning: {w}" for w in data_warnings(read_train_settings(cfg).layout, len(train)))])
 
 
 def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
@@ -292,12 +295,58 @@ def task_settings_of(run: Path, config) -> dict:
     return {}
 
 
+def _latest_if_unfinished(cfg, run: Path) -> None:
+    """`model.path=RUN` of a run that has no checkpoints/final (it stopped early): its latest checkpoint."""
+    from rlctl.checkpoint import latest_checkpoint
+
+    given = Path(cfg.model.path).expanduser()
+    if given.resolve() != run.resolve() or (run / "checkpoints" / "final" / "config.json").exists():
+        return
+    latest = latest_checkpoint(run)
+    if latest is None or not (latest / "policy").is_dir():
+        return  # nothing to fall back on: loading the folder says what is missing
+    cfg.model.path = str(latest / "policy")
+    err_console.print(f"model.path: {run} has no checkpoints/final (it stopped before its end); using its latest "
+                      f"checkpoint, {latest.name}", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+
+
+def _merged_adapter(cfg, run: Path) -> None:
+    """`model.path=RUN/checkpoints/step-N/policy` of a LoRA run holds the adapter alone: the run's base
+    model (its model.path) with that adapter merged, written to a temporary folder for this command."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from rlctl import models
+    from rlctl.lora import load_adapter
+
+    folder = Path(cfg.model.path).expanduser()
+    if not (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+        return
+    base = OmegaConf.load(run / "config.yaml").model
+    tokenizer = models.load_tokenizer(base.path, base.trust_remote_code)
+    model = models.load_causal_lm(base.path, tokenizer, cfg.model.dtype, base.trust_remote_code, cfg.engine.seed)
+    merged = load_adapter(model, folder).merge_and_unload()
+    target = Path(tempfile.mkdtemp(prefix="rlctl-merged-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    cfg.model.path = str(target)
+    err_console.print(f"model.path: {folder} holds a LoRA adapter; merged it into the run's base model {base.path} "
+                      "for this command", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+
+
 def _with_run_settings(cfg, command: str, recipe_base):
     from omegaconf import OmegaConf
 
     from rlctl.errors import RlctlError
 
     run = run_folder_of(cfg.model.path)
+    if run is not None and command != "train":
+        _latest_if_unfinished(cfg, run)
+        _merged_adapter(cfg, run)
     if run is not None:
         config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
         if command == "train" and "examples_per_step" not in config:  # only an SFT model was taught a format
@@ -401,6 +450,9 @@ def report(run_dir: str) -> None:
         fail(str(err))
     if (folder / "eval.json").exists():
         print((folder / "eval.json").read_text().strip())
+    else:
+        print(f"no held-out results: {folder} has no eval.json (eval.enabled=false, or the run stopped before its "
+              "final evaluation; rlctl eval model.path=RUN_DIR measures it now)")
 
 
 def list_recipes() -> list[tuple[str, str]]:

@@ -271,6 +271,9 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
         if part.skipped:
             logger.message(f"[yellow]data: {part.skipped} {name} pairs skipped (a side longer than "
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
+    if settings.eval_enabled and not (eval_spec.task_accuracy and data.source == "arithmetic") and len(held_out) == 0:
+        logger.message(f"[yellow]data: no held-out pairs ({len(train)} for training; data.eval_fraction holds out none of so "
+                       "few, and there is no data.eval_path): nothing to evaluate")  # fmt: skip
     evaluator = None
     if eval_spec.task_accuracy and data.source == "arithmetic":
         exact_number = WeightedRewards([Term("exact_number", 1.0, {})])  # how `rlctl train` judges the task

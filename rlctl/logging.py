@@ -234,6 +234,13 @@ class Loggers:
             sink.close()
 
 
+def seconds_since_start() -> float:
+    """Wall seconds since this process started (imports, model loads and all), as `time` would say."""
+    import psutil  # a dependency of deepspeed and accelerate
+
+    return time.time() - psutil.Process().create_time()
+
+
 class Timer:
     """Seconds spent in named sections of a step: ``with timer("rollout"): ...`` -> ``time/rollout_s``."""
 

@@ -31,7 +31,7 @@ from rlctl.config import fill
 from rlctl.data import PromptSampler
 from rlctl.distributed import Ranks, init_process_group, mean_over_ranks
 from rlctl.errors import RlctlError, check_fields
-from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, Timer, WandbSink
+from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, Timer, WandbSink, seconds_since_start
 from rlctl.lora import LoraSpec
 from rlctl.optim.engine import DeepSpeedEngine, Engine, OptimSpec, ZeroSpec, make_accelerator
 from rlctl.optim.update import LossFn, update
@@ -147,7 +147,7 @@ def train_offline(r: OfflineRun) -> dict:
     elif r.settings.eval_enabled:
         eval_before = _evaluate_and_log(r, 0, "before training")
     policy = r.checkpoints
-    with StopRequest() as stop:
+    with StopRequest(acknowledge=lambda line: r.logger.message(f"[yellow]{line}")) as stop:
         while step < r.steps:
             step += 1
             metrics = {"step": step, **mean_over_ranks(offline_step(r))}
@@ -177,7 +177,8 @@ def train_offline(r: OfflineRun) -> dict:
         if r.save_final:
             r.logger.message(f"saved the model to {export_model(r.run_dir, r.engine, r.tokenizer, r.ranks)}")
     summary["wall_s"] = time.perf_counter() - started
-    r.logger.message(f"done in {summary['wall_s']:.0f}s; run folder: {r.run_dir}")
+    r.logger.message(f"done: {summary['wall_s']:.0f}s in the loop, {seconds_since_start():.0f}s wall time with start-up; "
+                         f"run folder: {r.run_dir}")  # fmt: skip
     return summary
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from rich.markup import escape
 
 from rlctl.algos import shaping
 from rlctl.batch import Batch, concat
@@ -82,7 +83,7 @@ def check_reward_failures(s: Stages, state: TrainState, results: list) -> None:
             total, first_seen = failed.get(name, (0, first))
             failed[name] = (total + count, first_seen)
     for name, (count, first) in failed.items():
-        s.logger.message(f"[yellow]step {state.step}: reward {name!r} failed on {count} samples: {first}")
+        s.logger.message(f"[yellow]step {state.step}: reward {escape(repr(name))} failed on {count} samples: {escape(first)}")
     dead = next((name for r in results if (name := r.fully_failed())), None)
     every_rank_dead = not any_rank(dead is None)  # ranks decide together
     state.consecutive_reward_failures = state.consecutive_reward_failures + 1 if every_rank_dead else 0

@@ -30,7 +30,7 @@ from rlctl.data import PromptSampler, PromptSet
 from rlctl.distributed import Ranks, mean_over_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator, evaluate_and_log
-from rlctl.logging import Loggers, Timer
+from rlctl.logging import Loggers, Timer, seconds_since_start
 from rlctl.optim.engine import Engine
 from rlctl.optim.layout import BatchLayout
 from rlctl.optim.scoring import response_logprobs, response_values, score_in_chunks
@@ -230,7 +230,7 @@ def train(s: Stages) -> dict:
             state.eval_before = evaluate_and_log(s.evaluator, s.policy, s.logger, 0, "before training")
     metrics: dict[str, float] = {}
     policy = s.checkpoints
-    with StopRequest() as stop:
+    with StopRequest(acknowledge=lambda line: s.logger.message(f"[yellow]{line}")) as stop:
         while state.step < s.steps:
             state.step += 1
             metrics = {"step": state.step, **mean_over_ranks(train_step(s, state))}
@@ -283,5 +283,6 @@ def train(s: Stages) -> dict:
             )
     summary["final_metrics"] = metrics
     summary["wall_s"] = time.perf_counter() - started
-    s.logger.message(f"done in {summary['wall_s']:.0f}s; run folder: {s.run_dir}")
+    s.logger.message(f"done: {summary['wall_s']:.0f}s in the loop, {seconds_since_start():.0f}s wall time with start-up; "
+                         f"run folder: {s.run_dir}")  # fmt: skip
     return summary

@@ -23,7 +23,9 @@ from rlctl.errors import RlctlError
 
 N_ROWS = 10  # 2 of them held out by the default eval_fraction of 0.2
 PROMPTS = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(N_ROWS)]
-DEMOS = [{"prompt": f"What is {i} + 1?", "completion": f"{i} + 1 = {i + 1}", "answer": str(i + 1)} for i in range(N_ROWS)]
+DEMOS = [
+    {"prompt": f"What is {i} + 1?", "completion": f"{i} + 1 = {i + 1}", "answer": str(i + 1)} for i in range(N_ROWS)
+]
 PAIRS = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(N_ROWS)]
 
 
@@ -69,7 +71,9 @@ def test_every_format_is_read_by_every_command(kind, tmp_path):
     cfg = composed("sft", "data.source=jsonl", f"data.path={write(DEMOS, tmp_path / 'sft', kind)}")
     demos = load_demonstrations(*fill("data", cfg.data, SourceSpec, PromptFormat, DemonstrationSpec))
     assert (len(demos[0]), len(demos[1])) == (8, 2)
-    assert demos[0][0].messages[-1]["role"] == "assistant" and demos[0][0].first_trained == len(demos[0][0].messages) - 1
+    assert (
+        demos[0][0].messages[-1]["role"] == "assistant" and demos[0][0].first_trained == len(demos[0][0].messages) - 1
+    )
     # rm and dpo: preference pairs
     (tmp_path / "pairs").mkdir()
     for command in ("rm", "dpo"):

@@ -48,6 +48,13 @@ class SourceSpec:
     operators: str = "+"
     instruction: str = "Answer with just the number."
 
+    def __post_init__(self) -> None:
+        checks = (("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1): the share of rows held out"),
+                  ("eval_size", self.eval_size >= 0, "must be ≥ 0"))  # fmt: skip
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)!r}")
+
 
 SOURCES: dict[str, Callable[[SourceSpec], tuple[list[Example], list[Example]]]] = {}
 

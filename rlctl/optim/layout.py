@@ -79,6 +79,15 @@ class BatchLayout:
         """An upper bound on the tokens of one micro-batch: every row at both length limits."""
         return self.micro_batch_size * (self.max_prompt_tokens + self.max_new_tokens)
 
+    def _micro_batches_line(self) -> str:
+        n, micro = self.accumulation_steps, self.micro_batch_size
+        last = self.minibatch_size - micro * (n - 1)
+        if last == micro:
+            return f"  micro-batches: {micro} samples, {n} per minibatch (gradient accumulation {n})"
+        sizes = " + ".join([str(micro)] * (n - 1) + [str(last)])
+        return (f"  micro-batches: {n} per minibatch of {self.minibatch_size} samples: {sizes} "
+                f"(optim.micro_batch_size={micro}; gradient accumulation {n})")  # fmt: skip
+
     def describe(self) -> str:
         """The block printed by ``dry_run=true`` and at the start of every run."""
         w = self.world_size
@@ -90,8 +99,7 @@ class BatchLayout:
             f"  minibatches: {self.minibatches_per_step} per step of {self.minibatch_size} samples per process "
             f"({self.minibatch_size * w} over all processes), {self.num_iterations} "
             f"iteration{'s' if self.num_iterations > 1 else ''} over them",
-            (f"  micro-batches: {self.micro_batch_size} samples, {self.accumulation_steps} per minibatch "
-             f"(gradient accumulation {self.accumulation_steps})") if not self.max_tokens_per_micro_batch else
+            self._micro_batches_line() if not self.max_tokens_per_micro_batch else
             (f"  micro-batches: ≤ {self.max_tokens_per_micro_batch} tokens each (rows × longest prompt + longest "
              "response), rows of like length together; as many per minibatch as that takes"),
             f"  optimiser updates per step: {self.updates_per_step}",
