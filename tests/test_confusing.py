@@ -109,3 +109,23 @@ def test_help_lists_only_the_groups_a_command_reads_and_every_option_of_them(com
     assert set(groups) == {"model", "data", "deepspeed", "logger"}  # no algo, reward, rollout, recipe
     for group in ("model", "deepspeed", "logger"):
         assert groups[group].split(", ") == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")), group
+
+
+def test_the_dry_run_refuses_what_the_real_run_refuses_before_loading_a_model(tmp_path):
+    # Each of these used to print "config OK" in a dry run and fail seconds into the real run.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n" + json.dumps({"q": "3+3?"}) + "\n")
+    causal_lm = tmp_path / "lm"
+    causal_lm.mkdir()
+    (causal_lm / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    cases = [
+        (["data=jsonl", "data.path=missing.jsonl"], "error: data: file not found: missing.jsonl"),
+        (["data.source=jsonl"], "error: data.path: the jsonl source needs a file"),
+        (["reward.fn=missing.py:score"], "error: reward.fn: file not found: missing.py"),
+        (["data=jsonl", f"data.path={rows}", "data.prompt_field=question"], f"error: data: row {rows}:2 has no field 'question'"),
+        (["reward=model", f"reward.model_path={causal_lm}"], f"error: reward.model_path: '{causal_lm}' is not a reward model (LlamaForCausalLM"),
+    ]  # fmt: skip
+    for overrides, message in cases:
+        result = rlctl("train", *overrides, "dry_run=true", check=False)
+        assert result.returncode == 1 and message in result.stderr, (overrides, result.stderr)
+        assert "config OK" not in result.stdout
