@@ -164,6 +164,6 @@ def sample_rows(batch: Batch, count: int) -> list[dict]:
     stride = max(1, batch.size // max(1, count))
     return [
         {"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i],
-         "reward": float(batch.scores[i])}
+         "reward": float(batch.scores[i]), "correct": bool(batch.correct[i]) if batch.correct is not None else None}
         for i in range(0, batch.size, stride)[:count]
     ]  # fmt: skip

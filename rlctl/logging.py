@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -61,11 +62,14 @@ def step_line(values: dict[str, float], step: int, total: int) -> str | None:
 
 
 def samples_table(rows: list[dict[str, Any]], step: int) -> Table:
+    """Prompt, completion, answer, reward and whether `accuracy` counts it correct (reward.accuracy)."""
     table = Table(title=f"samples at step {step}", show_lines=True)
-    for column in ("prompt", "completion", "answer", "reward"):
+    for column in ("prompt", "completion", "answer", "reward", "correct"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["prompt"], row["completion"], row["answer"], _fmt(row["reward"]))
+        correct = {True: "yes", False: "no"}.get(row.get("correct"), "")
+        table.add_row(escape(str(row["prompt"])), escape(row["completion"]), escape(str(row["answer"])),
+                      _fmt(row["reward"]), correct)  # fmt: skip
     return table
 
 
@@ -200,7 +204,7 @@ class WandbSink:
         self.run.log(values, step=step)
 
     def samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        columns = ["prompt", "completion", "answer", "reward"]
+        columns = ["prompt", "completion", "answer", "reward", "correct"]
         table = self.wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
         self.run.log({"samples": table}, step=step)
 

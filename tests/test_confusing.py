@@ -129,3 +129,15 @@ def test_the_dry_run_refuses_what_the_real_run_refuses_before_loading_a_model(tm
         result = rlctl("train", *overrides, "dry_run=true", check=False)
         assert result.returncode == 1 and message in result.stderr, (overrides, result.stderr)
         assert "config OK" not in result.stdout
+
+
+def test_the_sample_table_says_which_answers_accuracy_counts_and_keeps_brackets():
+    from rich.console import Console
+
+    from rlctl.logging import samples_table
+
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    console.print(samples_table([{"prompt": "What is 3 + 4?", "completion": "[bold]7[/bold]", "answer": "7",
+                                  "reward": 1.0, "correct": False}], 1))  # fmt: skip
+    text = console.export_text()
+    assert "correct" in text and "[bold]7[/bold]" in text and " no " in text
