@@ -7,6 +7,7 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +41,8 @@ from rlctl.optim.engine import (
     make_accelerator,
 )
 from rlctl.optim.layout import BatchLayout
+from rlctl.optim.trust_region import trust_region_update
+from rlctl.optim.update import update
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
@@ -138,6 +141,12 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
             f"deepspeed: this launch has {ranks.world_size} processes; several processes train under DeepSpeed, "
             "so pick a stage (deepspeed=zero2, zero3, ...)"
         )
+    if algo.trust_region and zero.enabled:
+        raise RlctlError(
+            f"deepspeed: the trust-region step (algo=trpo) runs with deepspeed=none, one process, in this version: it "
+            f"needs the whole gradient and parameters where DeepSpeed ZeRO keeps them inside its own step; got "
+            f"deepspeed stage {zero.stage}"
+        )
     models.check_path(cfg.model.path, "model.path")
     if algo.needs_values and critic.path is not None:
         models.check_path(critic.path, "critic.path")
@@ -169,6 +178,14 @@ def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
             "their rewards are equal, group advantages are 0 and little or nothing is learned; use rollout.temperature=1.0"
         )
     return found
+
+
+def policy_update_of(algo: Algorithm, temperature: float):
+    """How the policy learns from a minibatch: an optimiser update, or TRPO's trust-region step."""
+    if not algo.trust_region:
+        return update
+    return partial(trust_region_update, spec=algo.trust_region_spec(), fisher_fraction=algo.fisher_fraction,
+                   temperature=temperature)  # fmt: skip
 
 
 def data_warnings(layout: BatchLayout, train_prompts: int) -> list[str]:
@@ -556,4 +573,5 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         eval_every=settings.eval.every,
         sample_every=log.sample_every, samples_shown=log.samples_shown, ranks=ranks,
         resume_from=resume_from, resume_command=resume_command, config=config or {},
+        policy_update=policy_update_of(algo, settings.sampling.temperature),
     )  # fmt: skip

@@ -70,6 +70,10 @@ def dry_run(cfg, run_dir: Path) -> None:
     parts = [f"algo {algo.name} (advantage {algo.advantage}, loss {algo.policy_loss}, aggregation {algo.loss_agg})",
              f"critic {'yes' if algo.needs_values else 'no'}", f"reference {'yes' if algo.needs_reference else 'no'}",
              f"old log-probs {'stored before the first update' if algo.needs_old_logprobs(settings.layout.updates_per_step) else 'not needed (one update per step)'}"]  # fmt: skip
+    if algo.trust_region:
+        fisher = max(1, round(algo.fisher_fraction * settings.layout.minibatch_size))
+        parts.append(f"one trust-region step per minibatch (max_kl {algo.max_kl:g}), CG iterations {algo.cg_iters}, "
+                     f"Fisher on {fisher} samples, line search of {algo.line_search_steps} tries")  # fmt: skip
     data_line = _data_line(cfg, settings.source)  # reads the data: its errors come before "config OK"
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)

@@ -53,6 +53,12 @@ class AlgoConfig:
     overlong_penalty: float = 1.0  # DAPO: penalty at the length limit
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more prompts to refill
     sampling_retries: int = 3  # dynamic sampling: extra rollouts allowed per step to fill the batch
+    update: str = "optimizer"  # the policy's update: optimizer (AdamW on the loss) | trust_region (TRPO's step)
+    max_kl: float = 0.02  # trust_region: δ, the largest mean KL(π_old ‖ π_new) per trained token of one step
+    cg_iters: int = 10  # trust_region: conjugate-gradient iterations for F⁻¹g
+    cg_damping: float = 0.1  # trust_region: damping added to the Fisher matrix (F + damping·I)
+    fisher_fraction: float = 1.0  # trust_region: share of the minibatch's samples the Fisher-vector products use
+    line_search_steps: int = 10  # trust_region: backtracking tries Δ, Δ/2, … before keeping θ unchanged
 
 
 @dataclass

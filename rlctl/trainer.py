@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,6 +73,8 @@ class Stages:
     resume_from: Path | None = None  # a checkpoint whose weights build already loaded
     resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
     config: dict = field(default_factory=dict)  # the run's settings as dotted keys, kept in checkpoints
+    # how the policy learns from one minibatch: an optimiser update (update) or TRPO's trust-region step
+    policy_update: Callable = update
 
 
 def train_step(s: Stages, state: TrainState) -> dict[str, float]:
@@ -185,7 +188,7 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
         totals = algo.totals(*minibatch_counts(minibatch.response_mask))
         stats: dict[str, float] = {}
         if train_policy:
-            norm, stats = update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals), max_tokens)
+            norm, stats = s.policy_update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals), max_tokens)
             grad_norms.append(norm)
         if s.critic is not None:
             norm, critic_stats = update(

@@ -67,8 +67,10 @@ ADVANTAGE_ESTIMATORS.register("gae")(Estimator(_gae, True, 1))
 POLICY_LOSSES.register("ppo_clip")(losses.ppo_clip)
 POLICY_LOSSES.register("pg")(losses.pg)
 POLICY_LOSSES.register("gspo")(losses.gspo)
+POLICY_LOSSES.register("surrogate")(losses.surrogate)
 VALUE_LOSSES.register("clipped_mse")(losses.clipped_value_loss)
 KL_PLACEMENTS = ("in_loss", "in_reward")
+UPDATES = ("optimizer", "trust_region")  # an AdamW step on the loss | TRPO's step (algos.trust_region)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,12 @@ class Algorithm:
     overlong_penalty: float = 1.0
     dynamic_sampling: bool = False  # DAPO: keep only groups whose rewards differ
     sampling_retries: int = 3
+    update: str = "optimizer"  # optimizer | trust_region (TRPO: conjugate gradient and a line search under max_kl)
+    max_kl: float = 0.02  # trust_region: δ, the largest mean KL(π_old ‖ π_new) per trained token of a step
+    cg_iters: int = 10  # trust_region: conjugate-gradient iterations
+    cg_damping: float = 0.1  # trust_region: F + damping·I
+    fisher_fraction: float = 1.0  # trust_region: share of the minibatch's samples the Fisher products use
+    line_search_steps: int = 10  # trust_region: tries Δ, Δ/2, …
     max_new_tokens: int = 16  # the rollout's length limit (overlong punishment, Dr.GRPO's L)
 
     def __post_init__(self) -> None:
@@ -130,6 +138,11 @@ class Algorithm:
                 f"group_size: advantage estimator {self.advantage!r} compares each completion with the other "
                 f"completions of its prompt, so it needs group_size ≥ {estimator.min_group_size} (got "
                 f"{self.group_size}): with one completion per prompt the baseline equals the reward and every advantage is 0"
+            )
+        if self.update == "trust_region" and self.policy_loss != "surrogate":
+            raise ValueError(
+                f"policy_loss: the trust-region step (update=trust_region, algo=trpo) maximises the unclipped "
+                f"importance-weighted surrogate; use policy_loss=surrogate, got {self.policy_loss!r}"
             )
         if self.dynamic_sampling and self.group_size < 2:
             raise ValueError("dynamic_sampling: keeps groups whose rewards differ, so it needs group_size ≥ 2")
@@ -153,6 +166,11 @@ class Algorithm:
             ("overlong_buffer", 0 <= self.overlong_buffer <= self.max_new_tokens,
              f"must be between 0 and rollout.max_new_tokens={self.max_new_tokens}"),
             ("max_new_tokens", self.max_new_tokens >= 1, "(rollout.max_new_tokens) must be ≥ 1"),
+            ("max_kl", self.max_kl > 0, "must be > 0 (the mean KL per token a trust-region step may reach)"),
+            ("cg_iters", self.cg_iters >= 1, "must be ≥ 1"),
+            ("cg_damping", self.cg_damping >= 0, "must be ≥ 0"),
+            ("fisher_fraction", 0 < self.fisher_fraction <= 1, "must be in (0, 1]: the share of samples for F·v"),
+            ("line_search_steps", self.line_search_steps >= 1, "must be ≥ 1"),
         )  # fmt: skip
         for key, ok, requirement in checks:
             if not ok:
@@ -162,6 +180,16 @@ class Algorithm:
     def needs_values(self) -> bool:
         """A critic is built iff the advantage estimator reads values."""
         return ADVANTAGE_ESTIMATORS.get(self.advantage).needs_values
+
+    @property
+    def trust_region(self) -> bool:
+        """The policy takes TRPO's step (no optimiser, no clipping); a critic still uses its optimiser."""
+        return self.update == "trust_region"
+
+    def trust_region_spec(self):
+        from rlctl.algos.trust_region import TrustRegionSpec
+
+        return TrustRegionSpec(self.max_kl, self.cg_iters, self.cg_damping, self.line_search_steps)
 
     @property
     def needs_reference(self) -> bool:
@@ -191,8 +219,9 @@ class Algorithm:
         """Log-probs of the sampling policy must be computed before the first update whenever a step
         makes more than one optimiser update: every update after the first trains on samples from a
         policy that has since moved, and only the stored log-probs give it the true ratio π/π_old.
-        The KL in the reward needs them too (it is measured on the sampling policy)."""
-        return updates_per_step > 1 or self.kl_in_reward
+        The KL in the reward needs them too (it is measured on the sampling policy), and so does a
+        trust-region step, whose line search compares surrogates of π_new / π_old."""
+        return updates_per_step > 1 or self.kl_in_reward or self.trust_region  # the line search compares π_new/π_old
 
     def length_penalty(self, response_lengths: torch.Tensor) -> torch.Tensor:
         """DAPO's overlong punishment added to each score (zero unless overlong_buffer > 0). [B] -> [B]."""

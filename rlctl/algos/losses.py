@@ -34,6 +34,30 @@ def _stats(logp, old_logp, mask, clipped_mask) -> dict[str, torch.Tensor]:
         }
 
 
+def surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    totals: AggregationTotals | None = None,
+    token_weights: torch.Tensor | None = None,
+    **_unused,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TRPO's importance-weighted surrogate, unclipped (Schulman et al. 2015):
+
+    ρ_t = exp(logp_t − old_logp_t),   l_t = −ρ_t·A_t,   loss = aggregate(l, mask, agg)
+
+    At θ = θold (ρ = 1) its gradient is the policy gradient −A·∇log π; away from it, the loss value
+    is what the trust-region line search compares. The step size is bounded by the KL constraint,
+    not by clipping, so ``clip_frac`` is 0.
+    """
+    ratio = torch.exp(logp - old_logp)
+    per_token = _weighted(-ratio * _per_token(advantages, logp), token_weights)
+    loss = aggregate(per_token, mask, agg, totals=totals)
+    return loss, _stats(logp, old_logp, mask, torch.zeros_like(mask, dtype=torch.bool))
+
+
 def ppo_clip(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -1,0 +1,110 @@
+"""The optimisation stage's second kind of update: TRPO's trust-region step on one engine.
+
+It builds, from the engine and a minibatch, the operations :func:`rlctl.algos.trust_region.trust_region_step`
+needs — the minibatch gradient (accumulated over micro-batches like any update), Fisher-vector
+products (the double backward of the mean full-vocabulary KL on a share of the samples) and "set
+θ = θold + Δ, measure the loss and the KL" — and assigns the accepted parameters. Only trainable
+parameters take part (with LoRA, the adapter's)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlctl.algos.trust_region import TrustRegionSpec, trust_region_step
+from rlctl.batch import Batch
+from rlctl.optim.update import LossFn, accumulate, micro_batches
+
+
+def full_log_probs(model, batch: Batch, temperature: float) -> torch.Tensor:
+    """log π(· | x, y_<t) over the whole vocabulary at each response position. -> [B, T, V] (fp32).
+    Attention runs on the math kernel: the fused ones have no second derivative (F·v needs it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t = batch.response_length
+    positions = (batch.attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+    return torch.log_softmax(logits[:, -t - 1 : -1].float() / temperature, dim=-1)
+
+
+def mean_kl(old_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over trained tokens of KL(π_old ‖ π) = Σ_v π_old(v) (log π_old(v) − log π(v)).
+    old_log_probs, log_probs [B, T, V], mask [B, T] -> scalar."""
+    per_token = (old_log_probs.exp() * (old_log_probs - log_probs)).sum(dim=-1)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def fisher_vector_product(kl: torch.Tensor, params: list[torch.Tensor]):
+    """v ↦ F·v with F = ∇²kl at the current parameters, by double backward: the first derivative of
+    ``kl`` (a scalar whose value and gradient are 0 there, as KL(π_θold ‖ π_θ) at θ = θold) is kept
+    with its graph, and each product is the derivative of (∇kl)·v. v [n] -> [n] (n = trainable numbers)."""
+    first = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        second = torch.autograd.grad(torch.dot(first, v.to(first.dtype)), params, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in second]).float()
+
+    return product
+
+
+def fisher_rows(size: int, fraction: float) -> torch.Tensor:
+    """The rows the Fisher products use: a random ``fraction`` of the minibatch (at least one), from
+    the global RNG, so a resumed run draws the same ones."""
+    count = max(1, round(fraction * size))
+    return torch.randperm(size)[:count].sort().values
+
+
+def trust_region_update(
+    engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn, max_tokens: int = 0, *,
+    spec: TrustRegionSpec, fisher_fraction: float, temperature: float,
+) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """One TRPO step of ``engine`` on one minibatch. Returns (the gradient norm, non-finite when the
+    step was skipped; the loss stats and trpo/* metrics), as :func:`rlctl.optim.update.update` does."""
+    model = engine.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = accumulate(engine, minibatch, micro_batch_size, loss_fn, max_tokens)
+    gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).float()
+    for p in params:
+        p.grad = None
+    grad_norm = float(gradient.norm())
+    if not math.isfinite(grad_norm):
+        return grad_norm, stats
+
+    # F·v: the Hessian of the mean KL(π_θold ‖ π_θ) at θold on the Fisher rows, by double backward.
+    fisher = minibatch.rows(fisher_rows(minibatch.size, fisher_fraction)).trimmed()
+    with engine.autocast():
+        log_probs = full_log_probs(model, fisher, temperature)
+    old_log_probs = log_probs.detach()
+    fisher_vector = fisher_vector_product(mean_kl(old_log_probs, log_probs, fisher.response_mask), params)
+    start = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def try_step(delta: torch.Tensor | None) -> tuple[float, float]:
+        offset = 0
+        for p, p0 in zip(params, start):
+            if delta is None:
+                p.copy_(p0)
+            else:
+                p.copy_(p0 + delta[offset : offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
+        if delta is None:
+            return 0.0, 0.0
+        loss = sum(float(loss_fn(micro)[0]) for micro in micro_batches(minibatch, micro_batch_size, max_tokens))
+        with engine.autocast():
+            kl = float(mean_kl(old_log_probs, full_log_probs(model, fisher, temperature), fisher.response_mask))
+        return loss, kl
+
+    result = trust_region_step(gradient, fisher_vector, try_step, stats["loss/total"], spec)
+    del fisher_vector, log_probs  # the double-backward graph
+    if result.step_fraction > 0:
+        engine.weights_version += 1
+    stats.update({
+        "trpo/kl": result.kl, "trpo/step_fraction": result.step_fraction, "trpo/surrogate_gain": result.surrogate_gain,
+        "trpo/expected_gain": result.expected_gain, "trpo/cg_residual": result.cg_residual,
+        "trpo/rejected_steps": float(result.rejected_steps),
+        "trpo/improvement_ratio": result.surrogate_gain / result.expected_gain if result.expected_gain > 0 else 0.0,
+    })  # fmt: skip
+    return grad_norm, stats
