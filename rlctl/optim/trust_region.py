@@ -9,6 +9,7 @@ parameters take part (with LoRA, the adapter's)."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -65,6 +66,7 @@ def trust_region_update(
     step was skipped; the loss stats and trpo/* metrics), as :func:`rlctl.optim.update.update` does."""
     model = engine.model
     params = [p for p in model.parameters() if p.requires_grad]
+    clock = time.perf_counter()
     stats = accumulate(engine, minibatch, micro_batch_size, loss_fn, max_tokens)
     gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).float()
     for p in params:
@@ -72,17 +74,33 @@ def trust_region_update(
     grad_norm = float(gradient.norm())
     if not math.isfinite(grad_norm):
         return grad_norm, stats
+    seconds = {"trpo/time_gradient_s": time.perf_counter() - clock, "trpo/time_fisher_cg_s": 0.0,
+               "trpo/time_line_search_s": 0.0}  # fmt: skip
 
     # F·v: the Hessian of the mean KL(π_θold ‖ π_θ) at θold on the Fisher rows, by double backward.
+    clock = time.perf_counter()
     fisher = minibatch.rows(fisher_rows(minibatch.size, fisher_fraction)).trimmed()
     with engine.autocast():
         log_probs = full_log_probs(model, fisher, temperature)
+    seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
     old_log_probs = log_probs.detach()
-    fisher_vector = fisher_vector_product(mean_kl(old_log_probs, log_probs, fisher.response_mask), params)
     start = [p.detach().clone() for p in params]
+
+    def timed_fisher_vector(v: torch.Tensor) -> torch.Tensor:
+        clock = time.perf_counter()
+        product = fisher_vector(v)
+        seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
+        return product
 
     @torch.no_grad()
     def try_step(delta: torch.Tensor | None) -> tuple[float, float]:
+        clock = time.perf_counter()
+        try:
+            return _set_and_measure(delta)
+        finally:
+            seconds["trpo/time_line_search_s"] += time.perf_counter() - clock
+
+    def _set_and_measure(delta: torch.Tensor | None) -> tuple[float, float]:
         offset = 0
         for p, p0 in zip(params, start):
             if delta is None:
@@ -97,7 +115,10 @@ def trust_region_update(
             kl = float(mean_kl(old_log_probs, full_log_probs(model, fisher, temperature), fisher.response_mask))
         return loss, kl
 
-    result = trust_region_step(gradient, fisher_vector, try_step, stats["loss/total"], spec)
+    clock = time.perf_counter()
+    fisher_vector = fisher_vector_product(mean_kl(old_log_probs, log_probs, fisher.response_mask), params)
+    seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
+    result = trust_region_step(gradient, timed_fisher_vector, try_step, stats["loss/total"], spec)
     del fisher_vector, log_probs  # the double-backward graph
     if result.step_fraction > 0:
         engine.weights_version += 1
@@ -106,5 +127,6 @@ def trust_region_update(
         "trpo/expected_gain": result.expected_gain, "trpo/cg_residual": result.cg_residual,
         "trpo/rejected_steps": float(result.rejected_steps),
         "trpo/improvement_ratio": result.surrogate_gain / result.expected_gain if result.expected_gain > 0 else 0.0,
+        **seconds,
     })  # fmt: skip
     return grad_norm, stats
