@@ -160,7 +160,7 @@ def test_trpo_mistakes_are_one_line_before_any_model_loads():
     )
     described = rlctl("train", "algo=trpo", "dry_run=true")
     assert (
-        "one trust-region step per minibatch (max_kl 0.02), CG iterations 10, Fisher on 16 samples" in described.stdout
+        "one trust-region step per minibatch (max_kl 0.05), CG iterations 10, Fisher on 8 samples" in described.stdout
     )
 
 

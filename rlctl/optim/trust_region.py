@@ -26,7 +26,9 @@ def full_log_probs(model, batch: Batch, temperature: float) -> torch.Tensor:
     t = batch.response_length
     positions = (batch.attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     with sdpa_kernel([SDPBackend.MATH]):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+        # only the positions that predict response tokens go through the LM head (and its double backward)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                       logits_to_keep=t + 1).logits  # fmt: skip
     return torch.log_softmax(logits[:, -t - 1 : -1].float() / temperature, dim=-1)
 
 
