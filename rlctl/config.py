@@ -21,7 +21,7 @@ from rlctl.errors import RlctlError
 class AlgoConfig:
     name: str = "grpo"  # label used in run names and logs
     advantage: str = "grpo"  # advantage estimator: gae | grpo | rloo | reinforce | reinforce_pp (gae builds a critic)
-    policy_loss: str = "ppo_clip"  # policy loss: ppo_clip | gspo | pg
+    policy_loss: str = "ppo_clip"  # policy loss: ppo_clip | gspo | pg | surrogate (unclipped ρ·A, for trust_region)
     group_size: int = 8  # completions sampled per prompt (G); group baselines need G ≥ 2
     scale_by_std: bool = True  # grpo: divide by the group's reward std (False = Dr.GRPO)
     # grpo: added to the std before dividing (TRL uses 1e-4; it matters when a group's std is tiny)

@@ -174,7 +174,7 @@ def test_trpo_trains_on_the_tiny_model_and_logs_its_step(tmp_path):
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"trpo/kl"' in line]
     assert len(steps) == 2
     for row in steps:
-        assert 0 <= row["trpo/kl"] <= 0.02 and row["trpo/cg_residual"] >= 0
+        assert 0 <= row["trpo/kl"] <= 0.05 and row["trpo/cg_residual"] >= 0
         assert row["trpo/step_fraction"] in (0.0, *[0.5**k for k in range(10)])
         if row["trpo/step_fraction"] > 0:
             assert row["trpo/surrogate_gain"] > 0
