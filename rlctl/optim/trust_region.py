@@ -87,6 +87,9 @@ def trust_region_update(
     seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
     old_log_probs = log_probs.detach()
     start = [p.detach().clone() for p in params]
+    clock = time.perf_counter()
+    fisher_vector = fisher_vector_product(mean_kl(old_log_probs, log_probs, fisher.response_mask), params)
+    seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
 
     def timed_fisher_vector(v: torch.Tensor) -> torch.Tensor:
         clock = time.perf_counter()
@@ -117,11 +120,7 @@ def trust_region_update(
             kl = float(mean_kl(old_log_probs, full_log_probs(model, fisher, temperature), fisher.response_mask))
         return loss, kl
 
-    clock = time.perf_counter()
-    fisher_vector = fisher_vector_product(mean_kl(old_log_probs, log_probs, fisher.response_mask), params)
-    seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
     result = trust_region_step(gradient, timed_fisher_vector, try_step, stats["loss/total"], spec)
-    del fisher_vector, log_probs  # the double-backward graph
     if result.step_fraction > 0:
         engine.weights_version += 1
     stats.update({
