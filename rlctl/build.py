@@ -49,7 +49,7 @@ from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model
 from rlctl.rewards.rules import RewardSpec, load_user_reward
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
-from rlctl.trainer import Stages
+from rlctl.stages import Stages
 
 
 def seed_everything(seed: int) -> None:

@@ -25,16 +25,13 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from rlctl.distributed import barrier
 from rlctl.errors import RlctlError, check_fields
-
-if TYPE_CHECKING:
-    from rlctl.trainer import Stages
 
 LATEST = "latest"
 
@@ -195,10 +192,6 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
 # --- the training run's checkpoints (every rank takes part) ------------------------------------
 
 
-def _engines(s: Stages) -> dict:
-    return {"policy": s.policy} | ({"critic": s.critic} if s.critic is not None else {})
-
-
 def write_checkpoint(
     run_dir: Path, step: int, engines: dict, tokenizer, ranks, keep_last: int, trainer_state: dict
 ) -> Path:
@@ -218,39 +211,6 @@ def write_checkpoint(
         path = commit_checkpoint(tmp, keep_last)
     barrier()
     return path
-
-
-def save_resumable(s: Stages, state: TrainState) -> Path:
-    """The RL run's checkpoint: the policy (and critic), and the loop state."""
-    trainer_state = {
-        "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
-        "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
-        "consecutive_reward_failures": state.consecutive_reward_failures,
-        "sampler": s.sampler.state_dict(), "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None,
-        "world_size": s.ranks.world_size, "config": s.config,
-    }  # fmt: skip
-    return write_checkpoint(s.run_dir, state.step, _engines(s), s.tokenizer, s.ranks, s.checkpoints.keep_last,
-                            trainer_state)  # fmt: skip
-
-
-def restore(s: Stages, folder: Path) -> TrainState:
-    """Optimiser, schedule, sampler, RNG and loop state from a checkpoint (build loaded its weights)."""
-    saved = read_trainer_state(folder)  # build checked that it belongs to this run (check_resumable)
-    for name, engine in _engines(s).items():
-        engine.load_training_state(folder / name)
-    s.sampler.load_state_dict(saved["sampler"])
-    s.rewards.load_state_dict(saved.get("rewards", {}))
-    load_rng(folder, s.ranks.rank)
-    return TrainState(
-        step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
-        consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
-        consecutive_reward_failures=saved["consecutive_reward_failures"],
-    )  # fmt: skip
-
-
-def export_final(s: Stages) -> Path:
-    """``checkpoints/final``: the policy alone as an HF folder."""
-    return export_model(s.run_dir, s.policy, s.tokenizer, s.ranks)
 
 
 def export_model(run_dir: Path, engine, tokenizer, ranks) -> Path:

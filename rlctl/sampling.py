@@ -18,7 +18,7 @@ from rlctl.logging import Timer
 from rlctl.rollout.hf import step_rewards_to_tokens
 
 if TYPE_CHECKING:
-    from rlctl.trainer import Stages
+    from rlctl.stages import Stages
 
 
 def sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], list]:

@@ -7,74 +7,31 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from rlctl.algos import AdvantageInputs, Algorithm, ops
-from rlctl.algos.correction import MismatchCorrection
+from rlctl.algos import AdvantageInputs, ops
 from rlctl.batch import Batch, sample_rows, scored_batch_metrics
 from rlctl.checkpoint import (
-    CheckpointPolicy,
     StopRequest,
     TrainState,
-    export_final,
+    export_model,
     last_good_checkpoint,
     latest_checkpoint,
-    restore,
-    save_resumable,
+    load_rng,
+    read_trainer_state,
+    write_checkpoint,
 )
-from rlctl.data import PromptSampler, PromptSet
-from rlctl.distributed import Ranks, mean_over_ranks, sum_over_ranks
+from rlctl.distributed import mean_over_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
-from rlctl.evaluate import Evaluator, evaluate_and_log
-from rlctl.logging import Loggers, Timer, seconds_since_start
-from rlctl.optim.engine import Engine
-from rlctl.optim.layout import BatchLayout
+from rlctl.evaluate import evaluate_and_log
+from rlctl.logging import Timer, seconds_since_start
 from rlctl.optim.scoring import response_logprobs, response_values, score_in_chunks
 from rlctl.optim.update import minibatch_counts, minibatches, padding_fraction, update
-from rlctl.rewards import WeightedRewards
-from rlctl.rollout import HFRollout, SamplingParams
-from rlctl.rollout.vllm import VLLMRollout
 from rlctl.sampling import check_reward_failures, sample_and_score
-
-
-@dataclass
-class Stages:
-    """Everything the loop uses, built once by ``build`` from the config (plain values only)."""
-
-    tokenizer: object
-    policy: Engine
-    critic: Engine | None  # exists iff the algorithm's advantage estimator needs values
-    reference: torch.nn.Module | None  # frozen; None when the algorithm has no KL term
-    rollout: HFRollout | VLLMRollout  # samples the policy: its own model (hf) or a vLLM engine's copy
-    rewards: WeightedRewards
-    algo: Algorithm
-    layout: BatchLayout
-    sampling: SamplingParams  # the rollout's settings (the temperature also applies when scoring)
-    correction: MismatchCorrection  # what to do about the rollout engine's own log-probs (vllm)
-    train_prompts: PromptSet
-    sampler: PromptSampler
-    evaluator: Evaluator | None
-    logger: Loggers
-    checkpoints: CheckpointPolicy
-    run_dir: Path
-    steps: int  # training steps
-    save_final: bool  # write checkpoints/final at the end
-    critic_warmup_steps: int = 0  # steps during which only the critic trains
-    max_failed_reward_steps: int = 2  # stop when a reward term fails on every sample this many steps in a row
-    eval_every: int = 0  # steps between evaluations (0 = before and after only)
-    sample_every: int = 0  # steps between sample tables (0 = never)
-    samples_shown: int = 3
-    ranks: Ranks = Ranks()  # this process's place in a data-parallel launch
-    resume_from: Path | None = None  # a checkpoint whose weights build already loaded
-    resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
-    config: dict = field(default_factory=dict)  # the run's settings as dotted keys, kept in checkpoints
-    # how the policy learns from one minibatch: an optimiser update (update) or TRPO's trust-region step
-    policy_update: Callable = update
+from rlctl.stages import Stages
 
 
 def train_step(s: Stages, state: TrainState) -> dict[str, float]:
@@ -209,6 +166,43 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
     if critic_grad_norms:
         metrics["critic/grad_norm"] = sum(critic_grad_norms) / len(critic_grad_norms)
     return metrics
+
+
+def _engines(s: Stages) -> dict:
+    return {"policy": s.policy} | ({"critic": s.critic} if s.critic is not None else {})
+
+
+def save_resumable(s: Stages, state: TrainState) -> Path:
+    """The RL run's checkpoint: the policy (and critic), and the loop state."""
+    trainer_state = {
+        "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
+        "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+        "consecutive_reward_failures": state.consecutive_reward_failures,
+        "sampler": s.sampler.state_dict(), "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None,
+        "world_size": s.ranks.world_size, "config": s.config,
+    }  # fmt: skip
+    return write_checkpoint(s.run_dir, state.step, _engines(s), s.tokenizer, s.ranks, s.checkpoints.keep_last,
+                            trainer_state)  # fmt: skip
+
+
+def restore(s: Stages, folder: Path) -> TrainState:
+    """Optimiser, schedule, sampler, RNG and loop state from a checkpoint (build loaded its weights)."""
+    saved = read_trainer_state(folder)  # build checked that it belongs to this run (check_resumable)
+    for name, engine in _engines(s).items():
+        engine.load_training_state(folder / name)
+    s.sampler.load_state_dict(saved["sampler"])
+    s.rewards.load_state_dict(saved.get("rewards", {}))
+    load_rng(folder, s.ranks.rank)
+    return TrainState(
+        step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
+        consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
+        consecutive_reward_failures=saved["consecutive_reward_failures"],
+    )  # fmt: skip
+
+
+def export_final(s: Stages) -> Path:
+    """``checkpoints/final``: the policy alone as an HF folder."""
+    return export_model(s.run_dir, s.policy, s.tokenizer, s.ranks)
 
 
 def train(s: Stages) -> dict:
