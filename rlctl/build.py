@@ -212,11 +212,17 @@ def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, Ht
         check_reward_model_config(model.model_path)
     if "http" in names:
         HttpReward(http)  # checks the URL and that the header variables are set
-    for name in names:  # your functions load, with the right signature, before anything else does
-        if ".py:" in name:
-            load_user_reward(name)
-    rules.accuracy_rule()
     return rules, model, http
+
+
+def check_reward_functions(reward: DictConfig) -> None:
+    """The dry run's check of your functions (reward.fn, reward.accuracy): each file loads and its
+    function takes what it must; the real run loads them once, when it builds the reward stage."""
+    rules = reward_settings(reward)[0]
+    for term in rules.term_list():
+        if ".py:" in term.name:
+            load_user_reward(term.name)
+    rules.accuracy_rule()
 
 
 def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) -> WeightedRewards:

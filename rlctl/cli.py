@@ -57,7 +57,7 @@ def dry_run(cfg, run_dir: Path) -> None:
     import shutil
     import time
 
-    from rlctl.build import read_train_settings
+    from rlctl.build import check_reward_functions, read_train_settings
 
     started = time.perf_counter()
     settings = read_train_settings(cfg)
@@ -74,7 +74,8 @@ def dry_run(cfg, run_dir: Path) -> None:
         fisher = max(1, round(algo.fisher_fraction * settings.layout.minibatch_size))
         parts.append(f"one trust-region step per minibatch (max_kl {algo.max_kl:g}), CG iterations {algo.cg_iters}, "
                      f"Fisher on {fisher} samples, line search of {algo.line_search_steps} tries")  # fmt: skip
-    data_line = _data_line(cfg, settings.source)  # reads the data: its errors come before "config OK"
+    check_reward_functions(cfg.reward)
+    data_line = _data_line(cfg, settings)  # reads the data: its errors come before "config OK"
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)
     print("; ".join(parts))
@@ -82,20 +83,17 @@ def dry_run(cfg, run_dir: Path) -> None:
     print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")
 
 
-def _data_line(cfg, source) -> str:
+def _data_line(cfg, settings) -> str:
     """What the dry run says of the data: read and counted (every row checked), unless it is on the hub."""
-    from rlctl.build import read_examples
+    from rlctl.build import data_warnings, read_examples
+    from rlctl.data.sources import is_hub_id
 
-    on_hub = source.source == "hf" or (source.source == "gsm8k" and not source.path) or (
-        source.path and not Path(source.path).expanduser().exists() and source.path.count("/") == 1
-        and not Path(source.path).suffix)  # fmt: skip
-    if on_hub:
+    source = settings.source
+    if source.source == "hf" or (source.source == "gsm8k" and not source.path) or is_hub_id(source.path or "."):
         return f"data: hub dataset {source.path or 'openai/gsm8k'}: read when the run starts, not by the dry run"
-    from rlctl.build import data_warnings, read_train_settings
-
     train, held_out = read_examples(cfg, cfg.reward)
     line = f"data: {len(train)} training prompts, {len(held_out)} held-out (every row read and checked)"
-    return "\n".join([line, *(f"warning: {w}" for w in data_warnings(read_train_settings(cfg).layout, len(train)))])
+    return "\n".join([line, *(f"warning: {w}" for w in data_warnings(settings.layout, len(train)))])
 
 
 def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
@@ -208,7 +206,7 @@ def keys_set_on_command_line(overrides: list[str], groups: tuple[str, ...]) -> d
 
     decided = {}
     for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
+        key, _, value = override.partition("=")
         group = key.split(".", 1)[0]
         if group not in groups:
             continue
@@ -226,11 +224,10 @@ def with_settings_from(cfg, command: str, base, source: str):
     option picked there sets (``rollout=hf`` sets ``rollout.backend``), keeps the command line's value;
     every other key of the run is inherited. Keys this command does not have are left out. Prints the
     inherited keys that differ from this command's defaults, and what the command line decided."""
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
     groups = tuple(g for g in SETTINGS_FROM_RUN[command] if g in base)
-    decided = keys_set_on_command_line(list(HydraConfig.get().overrides.task), groups)
+    decided = keys_set_on_command_line(_overrides(), groups)
     inherited = {}
     for group in groups:
         for key, value in _leaves(OmegaConf.to_container(base[group], resolve=True), f"{group}.").items():
@@ -243,13 +240,9 @@ def with_settings_from(cfg, command: str, base, source: str):
                 continue
             if (OmegaConf.to_container(current) if OmegaConf.is_config(current) else current) != value:
                 inherited[key] = value
-    nested: dict = {}
+    nested = OmegaConf.create()
     for key, value in inherited.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        OmegaConf.update(nested, key, value)
     with open_dict(cfg):
         cfg.merge_with(nested)  # through the schema: reward.terms become RewardTerm nodes
     shown = ", ".join(f"{k}={_short(v)}" for k, v in inherited.items()) or "nothing that differs from the defaults"
@@ -314,14 +307,12 @@ def _latest_if_unfinished(cfg, run: Path) -> None:
                       f"checkpoint, {latest.name}", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
 
 
-def _merged_adapter(cfg, run: Path) -> None:
+def _merged_adapter(cfg, base) -> None:
     """`model.path=RUN/checkpoints/step-N/policy` of a LoRA run holds the adapter alone: the run's base
-    model (its model.path) with that adapter merged, written to a temporary folder for this command."""
+    model (``base``, the run's model group) with that adapter merged, in a temporary folder for this command."""
     import atexit
     import shutil
     import tempfile
-
-    from omegaconf import OmegaConf
 
     from rlctl import models
     from rlctl.lora import load_adapter
@@ -329,16 +320,15 @@ def _merged_adapter(cfg, run: Path) -> None:
     folder = Path(cfg.model.path).expanduser()
     if not (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
         return
-    base = OmegaConf.load(run / "config.yaml").model
-    tokenizer = models.load_tokenizer(base.path, base.trust_remote_code)
-    model = models.load_causal_lm(base.path, tokenizer, cfg.model.dtype, base.trust_remote_code, cfg.engine.seed)
+    tokenizer = models.load_tokenizer(base["path"], base["trust_remote_code"])
+    model = models.load_causal_lm(base["path"], tokenizer, cfg.model.dtype, base["trust_remote_code"], cfg.engine.seed)
     merged = load_adapter(model, folder).merge_and_unload()
     target = Path(tempfile.mkdtemp(prefix="rlctl-merged-"))
     atexit.register(shutil.rmtree, target, ignore_errors=True)
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)
     cfg.model.path = str(target)
-    err_console.print(f"model.path: {folder} holds a LoRA adapter; merged it into the run's base model {base.path} "
+    err_console.print(f"model.path: {folder} holds a LoRA adapter; merged it into the run's base model {base['path']} "
                       "for this command", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
 
 
@@ -348,11 +338,11 @@ def _with_run_settings(cfg, command: str, recipe_base):
     from rlctl.errors import RlctlError
 
     run = run_folder_of(cfg.model.path)
-    if run is not None and command != "train":
-        _latest_if_unfinished(cfg, run)
-        _merged_adapter(cfg, run)
     if run is not None:
         config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+        if command != "train":
+            _latest_if_unfinished(cfg, run)
+            _merged_adapter(cfg, config["model"])
         if command == "train" and "examples_per_step" not in config:  # only an SFT model was taught a format
             return cfg
         data_on_line = any(o.startswith(("data=", "data.path=")) for o in _overrides())

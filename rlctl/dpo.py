@@ -38,6 +38,7 @@ from rlctl.offline import (
     load_policy,
     open_run_folder,
     read_engine_settings,
+    say_when_nothing_is_held_out,
     start_training,
 )
 from rlctl.optim.scoring import pad_rows, target_logprobs
@@ -271,11 +272,10 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
         if part.skipped:
             logger.message(f"[yellow]data: {part.skipped} {name} pairs skipped (a side longer than "
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
-    if settings.eval_enabled and not (eval_spec.task_accuracy and data.source == "arithmetic") and len(held_out) == 0:
-        logger.message(f"[yellow]data: no held-out pairs ({len(train)} for training; data.eval_fraction holds out none of so "
-                       "few, and there is no data.eval_path): nothing to evaluate")  # fmt: skip
+    task_accuracy = eval_spec.task_accuracy and data.source == "arithmetic"  # evaluates held-out problems, not pairs
+    say_when_nothing_is_held_out(logger, "pairs", len(train), len(held_out), settings.eval_enabled and not task_accuracy)
     evaluator = None
-    if eval_spec.task_accuracy and data.source == "arithmetic":
+    if task_accuracy:
         exact_number = WeightedRewards([Term("exact_number", 1.0, {})])  # how `rlctl train` judges the task
         evaluator = task_evaluator(exact_number, _held_out_problems(data),
                                    PromptFormat(system_prompt=data.system_prompt), tokenizer, eval_spec,

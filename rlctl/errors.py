@@ -8,6 +8,12 @@ class RlctlError(Exception):
     """
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def check_fields(obj, checks) -> None:
     """For a settings object's ``__post_init__``: raise ``ValueError("key: requirement, got value")``
     for the first ``(key, ok, requirement)`` that fails (``config.fill`` prefixes the group)."""

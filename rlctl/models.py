@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, first_line  # noqa: F401 (models.first_line: callers elsewhere)
 from rlctl.lora import is_adapted
 
 
@@ -164,11 +164,6 @@ def load_causal_lm(
             raise RlctlError(f"model.path: cannot load a causal LM from {path!r}: {first_line(err)}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class ValueModel(torch.nn.Module):

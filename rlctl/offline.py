@@ -253,6 +253,13 @@ def start_training(cfg: DictConfig, model, optim: OptimSpec, zero: ZeroSpec, ran
     return make_engine(model, optim, zero, cfg.engine.precision, ranks, steps), make_loggers(cfg, run_dir, steps, ranks)
 
 
+def say_when_nothing_is_held_out(logger: Loggers, unit: str, trained: int, held_out: int, evaluating: bool) -> None:
+    """One line when evaluation is on but the data left nothing to evaluate on (too few rows to hold any out)."""
+    if evaluating and held_out == 0:
+        logger.message(f"[yellow]data: no held-out {unit} ({trained} for training; data.eval_fraction holds out none of "
+                       "so few, and there is no data.eval_path): nothing to evaluate")  # fmt: skip
+
+
 def load_policy(cfg: DictConfig, tokenizer, resume_from: Path | None):
     """The causal LM an offline stage trains: the checkpoint's when resuming, else ``model.path``'s;
     with LoRA, ``model.path``'s weights and an adapter (new, or the checkpoint's)."""

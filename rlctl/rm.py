@@ -33,6 +33,7 @@ from rlctl.offline import (
     open_run_folder,
     read_engine_settings,
     read_lora,
+    say_when_nothing_is_held_out,
     start_training,
 )
 from rlctl.rewards.model import right_pad, sequence_scores
@@ -202,9 +203,7 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
         if pairs.skipped:
             logger.message(f"[yellow]data: {pairs.skipped} {name} pairs skipped (a side longer than "
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
-    if settings.eval_enabled and len(held_out) == 0:
-        logger.message(f"[yellow]data: no held-out pairs ({len(train)} for training; data.eval_fraction holds out none of so "
-                       "few, and there is no data.eval_path): nothing to evaluate")  # fmt: skip
+    say_when_nothing_is_held_out(logger, "pairs", len(train), len(held_out), settings.eval_enabled)
     objective = RewardModelObjective(type(engine.unwrapped()).__name__, train, held_out, cfg.margin,
                                      cfg.eval.batch_size, tokenizer.pad_token_id, engine.autocast)  # fmt: skip
     return OfflineRun(

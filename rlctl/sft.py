@@ -40,6 +40,7 @@ from rlctl.offline import (
     load_policy,
     open_run_folder,
     read_engine_settings,
+    say_when_nothing_is_held_out,
     start_training,
 )
 from rlctl.optim.scoring import pack_rows, pad_rows, target_logprobs
@@ -190,9 +191,7 @@ def build_sft(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
     examples = [Example(d.prompt, d.answer, d.origin) for d in held_out.demonstrations if d.answer is not None]
     evaluator = task_evaluator(build_rewards(cfg, autocast=engine.autocast), examples, replace(fmt, system_prompt=None),
                                tokenizer, eval_spec, engine.autocast)  # fmt: skip
-    if settings.eval_enabled and len(held_out) == 0:
-        logger.message(f"[yellow]data: no held-out demonstrations ({len(train)} for training; data.eval_fraction holds out "
-                       "none of so few, and there is no data.eval_path): nothing to evaluate")  # fmt: skip
+    say_when_nothing_is_held_out(logger, "demonstrations", len(train), len(held_out), settings.eval_enabled)
     objective = SupervisedObjective(type(engine.unwrapped()).__name__, train, held_out, tokenizer.pad_token_id,
                                     demo.max_tokens if demo.pack else 0, eval_spec.batch_size, engine.autocast,
                                     evaluator)  # fmt: skip

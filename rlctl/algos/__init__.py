@@ -14,6 +14,7 @@ import torch
 from rlctl.algos import advantages as adv
 from rlctl.algos import kl, losses, ops, shaping
 from rlctl.algos.registry import Registry
+from rlctl.algos.trust_region import TrustRegionSpec
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,7 @@ class Algorithm:
         """The policy takes TRPO's step (no optimiser, no clipping); a critic still uses its optimiser."""
         return self.update == "trust_region"
 
-    def trust_region_spec(self):
-        from rlctl.algos.trust_region import TrustRegionSpec
-
+    def trust_region_spec(self) -> TrustRegionSpec:
         return TrustRegionSpec(self.max_kl, self.cg_iters, self.cg_damping, self.line_search_steps)
 
     @property

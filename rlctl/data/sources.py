@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlctl.errors import RlctlError
+from rlctl.errors import RlctlError, check_fields, first_line
 
 Prompt = str | list  # a plain string, or chat messages [{"role": ..., "content": ...}]
 
@@ -49,11 +49,8 @@ class SourceSpec:
     instruction: str = "Answer with just the number."
 
     def __post_init__(self) -> None:
-        checks = (("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1): the share of rows held out"),
-                  ("eval_size", self.eval_size >= 0, "must be ≥ 0"))  # fmt: skip
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ValueError(f"{key}: {requirement}, got {getattr(self, key)!r}")
+        check_fields(self, (("eval_fraction", 0 <= self.eval_fraction < 1, "must be in [0, 1): the share of rows held out"),
+                            ("eval_size", self.eval_size >= 0, "must be ≥ 0")))  # fmt: skip
 
 
 SOURCES: dict[str, Callable[[SourceSpec], tuple[list[Example], list[Example]]]] = {}
@@ -148,6 +145,12 @@ def arithmetic(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # read through `datasets`
 
 
+def is_hub_id(path: str) -> bool:
+    """"org/name" with no such local path and no file suffix: a hub dataset id."""
+    file = Path(path).expanduser()
+    return not file.exists() and not file.suffix and not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
 def read_rows(path: str, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
     """Rows of a data file with their origin ("file:row", 1-based), in the formats `datasets` reads:
     JSONL, JSON (an array of objects, or one object per line), CSV, Parquet, Arrow, a folder written
@@ -155,10 +158,10 @@ def read_rows(path: str, split: str = "train") -> list[tuple[str, dict[str, Any]
     file = Path(path).expanduser()
     if file.is_dir():
         return _saved_dataset_rows(file, split)
+    if is_hub_id(path):
+        return _hub_rows(path, None, split)
     if not file.is_file():
-        if file.suffix or path.startswith((".", "/", "~")) or path.count("/") != 1:
-            raise RlctlError(f"data: file not found: {file}")
-        return _hub_rows(path, None, split)  # "org/name": a hub dataset
+        raise RlctlError(f"data: file not found: {file}")
     if file.suffix in TABLE_FORMATS:
         return _table_rows(file, TABLE_FORMATS[file.suffix])
     if file.suffix == ".json" and file.read_text(encoding="utf-8").lstrip().startswith("["):
@@ -226,8 +229,7 @@ def _saved_dataset_rows(folder: Path, split: str) -> list[tuple[str, dict[str, A
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def gsm8k_final_answer(text: str) -> str:

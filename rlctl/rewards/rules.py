@@ -167,6 +167,11 @@ StepRewards = list[tuple[int, float]]  # (character offset in the completion, re
 SCORERS = ("reward_model", "http")
 
 
+def term_meaning(name: str) -> str:
+    """What `accuracy` counts when a reward term decides it."""
+    return f"reward term {name!r} scores ≥ 1"
+
+
 @dataclass(frozen=True)
 class RewardSpec:
     """The rule keys of the ``reward`` group, filled by field name (the scorers' keys go to their specs)."""
@@ -196,7 +201,7 @@ class RewardSpec:
             choice = ("gsm8k" if answer_format == "gsm8k" else "exact_number") if self.fn else "term"
         if choice == "term":
             name = self.term_list()[self.accuracy_term].name if 0 <= self.accuracy_term < len(self.term_list()) else "?"
-            return None, f"reward term {name!r} scores ≥ 1"
+            return None, term_meaning(name)
         if choice in RULES:
             return RULES[choice], f"the {choice} rule says the answer is right"
         return load_user_reward(choice, key="reward.accuracy"), f"{choice} returns true"
@@ -264,7 +269,7 @@ class WeightedRewards:
         self.timeout_s, self.fallback, self.on_error = timeout_s, fallback, on_error
         # what `accuracy` counts: a rule of its own, or (None) the accuracy term's score ≥ 1
         self.accuracy_rule = accuracy_rule
-        self.accuracy_meaning = accuracy_meaning or f"reward term {terms[accuracy_term].name!r} scores ≥ 1"
+        self.accuracy_meaning = accuracy_meaning or term_meaning(terms[accuracy_term].name)
         self.errors = 0  # calls that failed since construction
         self._failures: dict[str, tuple[int, str]] = {}  # of the current call: term -> (count, first error)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
