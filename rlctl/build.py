@@ -36,6 +36,7 @@ from rlctl.optim.engine import (
     Engine,
     FrozenPolicy,
     OptimSpec,
+    ReplicaEngine,
     ZeroSpec,
     frozen_for_inference,
     make_accelerator,
@@ -141,12 +142,14 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
             f"deepspeed: this launch has {ranks.world_size} processes; several processes train under DeepSpeed, "
             "so pick a stage (deepspeed=zero2, zero3, ...)"
         )
-    if algo.trust_region and zero.enabled:
+    if algo.trust_region and zero.enabled and zero.stage > 1:
         raise RlctlError(
-            f"deepspeed: the trust-region step (algo=trpo) runs with deepspeed=none, one process, in this version: it "
-            f"needs the whole gradient and parameters where DeepSpeed ZeRO keeps them inside its own step; got "
-            f"deepspeed stage {zero.stage}"
+            f"deepspeed: the trust-region step (algo=trpo) needs the whole parameters and gradient on every rank: it "
+            f"runs under deepspeed=none (one process), zero0 or zero1 (several), not ZeRO stage {zero.stage}, which "
+            "partitions them"
         )
+    if algo.trust_region and cfg.engine.precision == "fp16":
+        raise RlctlError("engine.precision: the trust-region step (algo=trpo) runs in fp32 (no) or bf16, not fp16")
     models.check_path(cfg.model.path, "model.path")
     if algo.needs_values and critic.path is not None:
         models.check_path(critic.path, "critic.path")
@@ -519,7 +522,10 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
 
     if ranks.world_size > 1:
         seed_everything(cfg.engine.seed + ranks.rank)  # same weights everywhere, different samples per rank
-    policy = make_engine(model, settings.optim)
+    if algo.trust_region:  # no optimiser: a replica per rank, the step summed over ranks (optim/trust_region.py)
+        policy = ReplicaEngine(model, cfg.engine.precision, ranks.world_size, ranks.rank, ranks.local_rank)
+    else:
+        policy = make_engine(model, settings.optim)
     critic = None
     if algo.needs_values:
         c = settings.critic

@@ -79,7 +79,7 @@ def dry_run(cfg, run_dir: Path) -> None:
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)
     print("; ".join(parts))
-    print(settings.layout.describe())
+    print(settings.layout.describe(algo.update_name))
     print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")
 
 

@@ -85,7 +85,7 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
         **sampling_metrics,
         **update_metrics,
         "kl_coef": kl_coef_used,
-        "lr": s.policy.lr,
+        **({"lr": s.policy.lr} if s.policy.lr is not None else {}),  # TRPO's policy has none
         "health/skipped_steps": float(state.skipped_steps),
         **timer.seconds,
     }
@@ -212,7 +212,7 @@ def train(s: Stages) -> dict:
     """
     summary: dict = {"stopped_by": None}
     started = time.perf_counter()
-    s.logger.message(s.layout.describe())
+    s.logger.message(s.layout.describe(s.algo.update_name))
     if s.resume_from is not None:
         state = restore(s, s.resume_from)
         resumed_at = state.step

@@ -154,10 +154,13 @@ def test_trpo_mistakes_are_one_line_before_any_model_loads():
         with pytest.raises(ValueError, match=f"{key}: {message}"):
             Algorithm(update="trust_region", policy_loss="surrogate", **{key: value})
     refused = rlctl("train", "algo=trpo", "deepspeed=zero3", "dry_run=true", check=False)
-    assert (
-        refused.returncode == 1
-        and "error: deepspeed: the trust-region step (algo=trpo) runs with deepspeed=none" in refused.stderr
+    assert refused.returncode == 1 and (
+        "error: deepspeed: the trust-region step (algo=trpo) needs the whole parameters and gradient on every rank: "
+        "it runs under deepspeed=none (one process), zero0 or zero1 (several), not ZeRO stage 3" in refused.stderr
     )
+    refused = rlctl("train", "algo=trpo", "engine.precision=fp16", "dry_run=true", check=False)
+    assert refused.returncode == 1 and "error: engine.precision: the trust-region step" in refused.stderr
+    assert rlctl("train", "algo=trpo", "deepspeed=zero1", "dry_run=true").returncode == 0
     described = rlctl("train", "algo=trpo", "dry_run=true")
     assert (
         "one trust-region step per minibatch (max_kl 0.05), CG iterations 10, Fisher on 8 samples" in described.stdout
@@ -178,3 +181,32 @@ def test_trpo_trains_on_the_tiny_model_and_logs_its_step(tmp_path):
         assert row["trpo/step_fraction"] in (0.0, *[0.5**k for k in range(10)])
         if row["trpo/step_fraction"] > 0:
             assert row["trpo/surrogate_gain"] > 0
+
+
+@pytest.mark.integration
+def test_two_processes_take_the_one_process_step_on_the_whole_minibatch(tmp_path):
+    # trpo_equivalence.py: 8 rows of unequal length; 2 ranks of 4 rows in micro-batches of 2 against
+    # 1 rank of 8 rows in one micro-batch. g, each F·v and the line search's sums are summed over ranks,
+    # so the step (its fraction, KL, gain) and the weights after it must agree to fp32 summation order.
+    from test_deepspeed import HERE, launch
+
+    launch(2, str(HERE / "trpo_equivalence.py"), str(tmp_path / "two.pt"), "2")
+    launch(1, str(HERE / "trpo_equivalence.py"), str(tmp_path / "one.pt"), "8")
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    before = load_tiny_weights()
+    assert one["stats"]["trpo/step_fraction"] > 0, one["stats"]  # a step was taken, so the weights moved
+    for key in ("trpo/step_fraction", "trpo/rejected_steps"):
+        assert two["stats"][key] == one["stats"][key], key
+    for key in ("trpo/kl", "trpo/expected_gain", "trpo/surrogate_gain"):
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4), key
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    moved = max((one["after"][k] - before[k]).abs().max().item() for k in before)
+    worst = max((two["after"][k] - one["after"][k]).abs().max().item() for k in before)
+    print(f"largest weight move {moved:.2e}, largest difference between the layouts {worst:.2e}")
+    assert moved > 1e-4 and worst < 1e-4 * moved
+
+
+def load_tiny_weights() -> dict[str, torch.Tensor]:
+    from rlctl.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm("random:tiny", load_tokenizer("random:tiny"), seed=0).state_dict()

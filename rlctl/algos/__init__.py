@@ -187,6 +187,11 @@ class Algorithm:
         """The policy takes TRPO's step (no optimiser, no clipping); a critic still uses its optimiser."""
         return self.update == "trust_region"
 
+    @property
+    def update_name(self) -> str:
+        """What one minibatch makes of the policy, as the batch layout says it."""
+        return "trust-region steps" if self.trust_region else "optimiser updates"
+
     def trust_region_spec(self) -> TrustRegionSpec:
         return TrustRegionSpec(self.max_kl, self.cg_iters, self.cg_damping, self.line_search_steps)
 

@@ -50,12 +50,16 @@ def surrogate(
 
     At θ = θold (ρ = 1) its gradient is the policy gradient −A·∇log π; away from it, the loss value
     is what the trust-region line search compares. The step size is bounded by the KL constraint,
-    not by clipping, so ``clip_frac`` is 0.
+    not by clipping, so ``clip_frac`` is 0. ``sampled_kl`` is the mean over tokens of
+    (ρ − 1) − log ρ, Schulman's k3 estimate of KL(π_old ‖ π), which the line search checks on every token.
     """
     ratio = torch.exp(logp - old_logp)
     per_token = _weighted(-ratio * _per_token(advantages, logp), token_weights)
     loss = aggregate(per_token, mask, agg, totals=totals)
-    return loss, _stats(logp, old_logp, mask, torch.zeros_like(mask, dtype=torch.bool))
+    stats = _stats(logp, old_logp, mask, torch.zeros_like(mask, dtype=torch.bool))
+    with torch.no_grad():  # k3 on tokens sampled from π_old: an unbiased estimate of KL(π_old ‖ π) ≥ 0 per token
+        stats["sampled_kl"] = masked_mean(ratio - 1 - (logp - old_logp), mask)
+    return loss, stats
 
 
 def ppo_clip(

@@ -162,6 +162,69 @@ class Engine:
         self.weights_version += 1
 
 
+class ReplicaEngine:
+    """The policy of a trust-region run (algo=trpo): a whole replica on every rank and no optimiser,
+    since TRPO's step is computed, not learned. With several processes, ``sum_over_ranks`` adds a
+    tensor over ranks (the gradient, each Fisher-vector product, the line search's losses and KL
+    sums), so every rank takes the same step; the weights start equal (loaded alike) and stay equal.
+    Same calls as :class:`Engine` for everything else (rollout sync, checkpoints, autocast)."""
+
+    lr = None  # no learning rate: the step's size is set by algo.max_kl
+
+    def __init__(self, model: torch.nn.Module, precision: str, world_size: int, rank: int, local_rank: int = 0):
+        if precision not in ("no", "bf16"):
+            raise RlctlError(f"engine.precision: the trust-region step runs in fp32 or bf16 autocast, got {precision!r}")
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        self.model = model.to(self.device)
+        self.precision, self.world_size, self.rank = precision, world_size, rank
+        self.weights_version = 0  # +1 whenever the weights change: a rollout engine compares it to its copy's
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss``, this rank's micro-batch share of the minibatch loss."""
+        loss.backward()
+
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def step(self) -> float:
+        raise RuntimeError("a trust-region policy has no optimiser: its update is optim.trust_region.trust_region_update")
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    def generation_context(self):
+        return contextlib.nullcontext()
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full weights under their checkpoint names (an adapted model's merged, under the base names)."""
+        weights = iter(self.model.state_dict().items())
+        yield from merged_weights(weights, scaling_of(self.model)) if is_adapted(self.model) else weights
+
+    def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
+        """The weights as an HF folder (+ tokenizer), from rank 0 (every rank holds the same); an
+        adapted model's adapter alone in step checkpoints. No optimiser state: nothing else to resume."""
+        if self.rank != 0:
+            return
+        if is_adapted(self.model):
+            save_adapted(self.model, folder, self.model.state_dict(), whole=not training_state)
+        else:
+            self.model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    def load_training_state(self, folder: Path) -> None:
+        self.weights_version += 1  # the weights came from the checkpoint at build; there is no other state
+
+
 class FrozenPolicy:
     """A model that is not trained (``rlctl eval`` / ``generate``), offered to a rollout backend
     through the same calls as an engine."""

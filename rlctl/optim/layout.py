@@ -88,8 +88,9 @@ class BatchLayout:
         return (f"  micro-batches: {n} per minibatch of {self.minibatch_size} samples: {sizes} "
                 f"(optim.micro_batch_size={micro}; gradient accumulation {n})")  # fmt: skip
 
-    def describe(self) -> str:
-        """The block printed by ``dry_run=true`` and at the start of every run."""
+    def describe(self, updates: str = "optimiser updates") -> str:
+        """The block printed by ``dry_run=true`` and at the start of every run; ``updates`` names
+        what a minibatch makes (TRPO's are trust-region steps)."""
         w = self.world_size
         return "\n".join([
             f"batch layout ({w} process{'es' if w > 1 else ''}):",
@@ -102,7 +103,7 @@ class BatchLayout:
             self._micro_batches_line() if not self.max_tokens_per_micro_batch else
             (f"  micro-batches: ≤ {self.max_tokens_per_micro_batch} tokens each (rows × longest prompt + longest "
              "response), rows of like length together; as many per minibatch as that takes"),
-            f"  optimiser updates per step: {self.updates_per_step}",
+            f"  {updates} per step: {self.updates_per_step}",
             "  prompts: run once per micro-batch, its completions packed after it (optim.share_prompts)"
             if self.share_prompts else "  prompts: run again for every completion (optim.share_prompts=false)",
             f"  largest micro-batch: ≤ {self.max_micro_batch_tokens} tokens ({self.micro_batch_size} × "

@@ -32,12 +32,11 @@ def full_log_probs(model, batch: Batch, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits[:, -t - 1 : -1].float() / temperature, dim=-1)
 
 
-def mean_kl(old_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over trained tokens of KL(π_old ‖ π) = Σ_v π_old(v) (log π_old(v) − log π(v)).
+def kl_sum(old_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over trained tokens of KL(π_old ‖ π) = Σ_v π_old(v) (log π_old(v) − log π(v)).
     old_log_probs, log_probs [B, T, V], mask [B, T] -> scalar."""
     per_token = (old_log_probs.exp() * (old_log_probs - log_probs)).sum(dim=-1)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token * mask.to(per_token.dtype)).sum()
 
 
 def fisher_vector_product(kl: torch.Tensor, params: list[torch.Tensor]):
@@ -60,19 +59,33 @@ def fisher_rows(size: int, fraction: float) -> torch.Tensor:
     return torch.randperm(size)[:count].sort().values
 
 
+def _identity(value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
 def trust_region_update(
     engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn, max_tokens: int = 0, *,
     spec: TrustRegionSpec, fisher_fraction: float, temperature: float,
 ) -> tuple[float, dict[str, float]]:  # fmt: skip
     """One TRPO step of ``engine`` on one minibatch. Returns (the gradient norm, non-finite when the
-    step was skipped; the loss stats and trpo/* metrics), as :func:`rlctl.optim.update.update` does."""
+    step was skipped; the loss stats and trpo/* metrics), as :func:`rlctl.optim.update.update` does.
+
+    The measured KL a step must keep within δ: the exact full-vocabulary mean KL on the Fisher rows;
+    when those are a share of the minibatch, also the sampled estimate (k3) over every trained token,
+    so that a step cannot move the rows the Fisher products did not see. With several processes
+    (``engine.sum_over_ranks``), g, every F·v, the losses and the KL sums are summed over ranks, so
+    every rank takes the step one process would take on the whole minibatch."""
     model = engine.model
+    over_ranks = getattr(engine, "sum_over_ranks", _identity)
     params = [p for p in model.parameters() if p.requires_grad]
     clock = time.perf_counter()
     stats = accumulate(engine, minibatch, micro_batch_size, loss_fn, max_tokens)
     gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).float()
     for p in params:
         p.grad = None
+    gradient = over_ranks(gradient)  # each rank's backward was of its share of the minibatch loss
+    # accumulate counts a rank's loss share × world size (its mean over ranks is the loss); the sum of shares is.
+    loss_before = float(over_ranks(torch.tensor(stats["loss/total"] / engine.world_size, dtype=torch.float64)))
     grad_norm = float(gradient.norm())
     if not math.isfinite(grad_norm):
         return grad_norm, stats
@@ -82,20 +95,24 @@ def trust_region_update(
     # F·v: the Hessian of the mean KL(π_θold ‖ π_θ) at θold on the Fisher rows, by double backward.
     clock = time.perf_counter()
     fisher = minibatch.rows(fisher_rows(minibatch.size, fisher_fraction)).trimmed()
+    every_row = fisher.size == minibatch.size
+    fisher_tokens = float(over_ranks(fisher.response_mask.sum().double()))
     with engine.autocast():
         log_probs = full_log_probs(model, fisher, temperature)
-    seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
     old_log_probs = log_probs.detach()
     start = [p.detach().clone() for p in params]
-    clock = time.perf_counter()
-    fisher_vector = fisher_vector_product(mean_kl(old_log_probs, log_probs, fisher.response_mask), params)
+    # this rank's share of the mean over all ranks' Fisher tokens: the shares' Hessians sum to F
+    kl_share = kl_sum(old_log_probs, log_probs, fisher.response_mask) / max(fisher_tokens, 1.0)
+    fisher_vector = fisher_vector_product(kl_share, params)
     seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
 
     def timed_fisher_vector(v: torch.Tensor) -> torch.Tensor:
         clock = time.perf_counter()
-        product = fisher_vector(v)
+        product = over_ranks(fisher_vector(v))
         seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
         return product
+
+    measured: dict[str, float] = {}
 
     @torch.no_grad()
     def try_step(delta: torch.Tensor | None) -> tuple[float, float]:
@@ -115,18 +132,31 @@ def trust_region_update(
             offset += p.numel()
         if delta is None:
             return 0.0, 0.0
-        loss = sum(float(loss_fn(micro)[0]) for micro in micro_batches(minibatch, micro_batch_size, max_tokens))
+        loss, sampled_kl, tokens = 0.0, 0.0, 0.0
+        for micro in micro_batches(minibatch, micro_batch_size, max_tokens):
+            micro_loss, micro_stats = loss_fn(micro)
+            loss += float(micro_loss)
+            sampled_kl += float(micro_stats["sampled_kl"]) * micro.stat_weight
+            tokens += micro.stat_weight
         with engine.autocast():
-            kl = float(mean_kl(old_log_probs, full_log_probs(model, fisher, temperature), fisher.response_mask))
+            fisher_kl = kl_sum(old_log_probs, full_log_probs(model, fisher, temperature), fisher.response_mask)
+        loss, sampled_kl, tokens, fisher_kl = over_ranks(
+            torch.tensor([loss, sampled_kl, tokens, float(fisher_kl)], dtype=torch.float64)).tolist()  # fmt: skip
+        measured["kl_fisher_rows"] = fisher_kl / max(fisher_tokens, 1.0)
+        measured["kl_sampled"] = sampled_kl / max(tokens, 1.0)
+        kl = measured["kl_fisher_rows"] if every_row else max(measured["kl_fisher_rows"], measured["kl_sampled"])
         return loss, kl
 
-    result = trust_region_step(gradient, timed_fisher_vector, try_step, stats["loss/total"], spec)
+    result = trust_region_step(gradient, timed_fisher_vector, try_step, loss_before, spec)
     if result.step_fraction > 0:
         engine.weights_version += 1
+    else:
+        measured = {"kl_fisher_rows": 0.0, "kl_sampled": 0.0}
     stats.update({
-        "trpo/kl": result.kl, "trpo/step_fraction": result.step_fraction, "trpo/surrogate_gain": result.surrogate_gain,
-        "trpo/expected_gain": result.expected_gain, "trpo/cg_residual": result.cg_residual,
-        "trpo/rejected_steps": float(result.rejected_steps),
+        "trpo/kl": result.kl, "trpo/kl_fisher_rows": measured.get("kl_fisher_rows", 0.0),
+        "trpo/kl_sampled": measured.get("kl_sampled", 0.0), "trpo/step_fraction": result.step_fraction,
+        "trpo/surrogate_gain": result.surrogate_gain, "trpo/expected_gain": result.expected_gain,
+        "trpo/cg_residual": result.cg_residual, "trpo/rejected_steps": float(result.rejected_steps),
         "trpo/improvement_ratio": result.surrogate_gain / result.expected_gain if result.expected_gain > 0 else 0.0,
         **seconds,
     })  # fmt: skip
