@@ -173,7 +173,9 @@ class ReplicaEngine:
 
     def __init__(self, model: torch.nn.Module, precision: str, world_size: int, rank: int, local_rank: int = 0):
         if precision not in ("no", "bf16"):
-            raise RlctlError(f"engine.precision: the trust-region step runs in fp32 or bf16 autocast, got {precision!r}")
+            raise RlctlError(
+                f"engine.precision: the trust-region step runs in fp32 or bf16 autocast, got {precision!r}"
+            )
         self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         self.model = model.to(self.device)
         self.precision, self.world_size, self.rank = precision, world_size, rank
@@ -196,7 +198,9 @@ class ReplicaEngine:
         return value
 
     def step(self) -> float:
-        raise RuntimeError("a trust-region policy has no optimiser: its update is optim.trust_region.trust_region_update")
+        raise RuntimeError(
+            "a trust-region policy has no optimiser: its update is optim.trust_region.trust_region_update"
+        )
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model
