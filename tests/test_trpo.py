@@ -81,7 +81,7 @@ def run_step(theta, actions, advantages, spec: TrustRegionSpec, loss_shift: floa
             return 0.0, 0.0
         return float(surrogate_loss(theta, start, actions, advantages)) + loss_shift, float(kl_mean(start, theta))
 
-    result = trust_region_step(gradient, fvp, try_step, float(loss), spec)
+    result = trust_region_step(gradient, fvp, try_step, loss.item(), spec)
     return result, (theta.detach() - start).reshape(-1), start
 
 

@@ -82,6 +82,24 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision=precision)
 
 
+def whole_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A model's weights under their checkpoint names, one tensor at a time; an adapted model's
+    merged, under the base model's names (what a rollout engine's copy takes)."""
+    weights = iter(model.state_dict().items())
+    yield from merged_weights(weights, scaling_of(model)) if is_adapted(model) else weights
+
+
+def save_hf_folder(model: torch.nn.Module, folder: Path, tokenizer=None, whole: bool = True) -> None:
+    """A model as an HF folder (+ tokenizer); an adapted model's adapter alone unless ``whole``
+    (then merged + adapter)."""
+    if is_adapted(model):
+        save_adapted(model, folder, model.state_dict(), whole=whole)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 class Engine:
     """Wraps one trainable model: AdamW, a warm-up + decay schedule, gradient clipping."""
 
@@ -140,20 +158,12 @@ class Engine:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full weights under their checkpoint names, one tensor at a time (a rollout engine's
         copy); an adapted model's merged, under the base model's names."""
-        model = self.unwrapped()
-        weights = iter(model.state_dict().items())
-        yield from merged_weights(weights, scaling_of(model)) if is_adapted(model) else weights
+        yield from whole_weights(self.unwrapped())
 
     def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
         """The weights as an HF folder (+ tokenizer), and the optimiser/schedule state for resume.
         An adapted model: its adapter alone in step checkpoints; merged + adapter in the final one."""
-        model = self.unwrapped()
-        if is_adapted(model):
-            save_adapted(model, folder, model.state_dict(), whole=not training_state)
-        else:
-            model.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        save_hf_folder(self.unwrapped(), folder, tokenizer, whole=not training_state)
         if training_state:
             torch.save(self.state_dict(), Path(folder) / "engine.pt")
 
@@ -210,20 +220,13 @@ class ReplicaEngine:
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full weights under their checkpoint names (an adapted model's merged, under the base names)."""
-        weights = iter(self.model.state_dict().items())
-        yield from merged_weights(weights, scaling_of(self.model)) if is_adapted(self.model) else weights
+        yield from whole_weights(self.model)
 
     def save(self, folder: Path, tokenizer=None, training_state: bool = True) -> None:
         """The weights as an HF folder (+ tokenizer), from rank 0 (every rank holds the same); an
         adapted model's adapter alone in step checkpoints. No optimiser state: nothing else to resume."""
-        if self.rank != 0:
-            return
-        if is_adapted(self.model):
-            save_adapted(self.model, folder, self.model.state_dict(), whole=not training_state)
-        else:
-            self.model.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        if self.rank == 0:
+            save_hf_folder(self.model, folder, tokenizer, whole=not training_state)
 
     def load_training_state(self, folder: Path) -> None:
         self.weights_version += 1  # the weights came from the checkpoint at build; there is no other state

@@ -59,10 +59,6 @@ def fisher_rows(size: int, fraction: float) -> torch.Tensor:
     return torch.randperm(size)[:count].sort().values
 
 
-def _identity(value: torch.Tensor) -> torch.Tensor:
-    return value
-
-
 def trust_region_update(
     engine, minibatch: Batch, micro_batch_size: int, loss_fn: LossFn, max_tokens: int = 0, *,
     spec: TrustRegionSpec, fisher_fraction: float, temperature: float,
@@ -73,10 +69,10 @@ def trust_region_update(
     The measured KL a step must keep within δ: the exact full-vocabulary mean KL on the Fisher rows;
     when those are a share of the minibatch, also the sampled estimate (k3) over every trained token,
     so that a step cannot move the rows the Fisher products did not see. With several processes
-    (``engine.sum_over_ranks``), g, every F·v, the losses and the KL sums are summed over ranks, so
+    (``engine.sum_over_ranks``, a :class:`rlctl.optim.engine.ReplicaEngine`), g, every F·v, the losses and the KL sums are summed over ranks, so
     every rank takes the step one process would take on the whole minibatch."""
     model = engine.model
-    over_ranks = getattr(engine, "sum_over_ranks", _identity)
+    over_ranks = engine.sum_over_ranks
     params = [p for p in model.parameters() if p.requires_grad]
     clock = time.perf_counter()
     stats = accumulate(engine, minibatch, micro_batch_size, loss_fn, max_tokens)
@@ -112,7 +108,7 @@ def trust_region_update(
         seconds["trpo/time_fisher_cg_s"] += time.perf_counter() - clock
         return product
 
-    measured: dict[str, float] = {}
+    measured = {"kl_fisher_rows": 0.0, "kl_sampled": 0.0}  # of the last try: the accepted one, if any
 
     @torch.no_grad()
     def try_step(delta: torch.Tensor | None) -> tuple[float, float]:
@@ -151,10 +147,10 @@ def trust_region_update(
     if result.step_fraction > 0:
         engine.weights_version += 1
     else:
-        measured = {"kl_fisher_rows": 0.0, "kl_sampled": 0.0}
+        measured.update(kl_fisher_rows=0.0, kl_sampled=0.0)
     stats.update({
-        "trpo/kl": result.kl, "trpo/kl_fisher_rows": measured.get("kl_fisher_rows", 0.0),
-        "trpo/kl_sampled": measured.get("kl_sampled", 0.0), "trpo/step_fraction": result.step_fraction,
+        "trpo/kl": result.kl, "trpo/kl_fisher_rows": measured["kl_fisher_rows"],
+        "trpo/kl_sampled": measured["kl_sampled"], "trpo/step_fraction": result.step_fraction,
         "trpo/surrogate_gain": result.surrogate_gain, "trpo/expected_gain": result.expected_gain,
         "trpo/cg_residual": result.cg_residual, "trpo/rejected_steps": float(result.rejected_steps),
         "trpo/improvement_ratio": result.surrogate_gain / result.expected_gain if result.expected_gain > 0 else 0.0,
