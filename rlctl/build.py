@@ -44,6 +44,7 @@ from rlctl.optim.engine import (
 from rlctl.optim.layout import BatchLayout
 from rlctl.optim.trust_region import trust_region_update
 from rlctl.optim.update import update
+from rlctl.plan import plan_for
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
@@ -314,12 +315,15 @@ def rollout_model_folder(model_path: str, model: torch.nn.Module) -> EngineFolde
 def rollout_sequences(cfg: DictConfig) -> int:
     """The most sequences one generation call of this command asks for: a training step's samples
     (per process), an evaluation batch, or ``rlctl generate``'s prompts × n."""
+
     def select(key: str):
         return OmegaConf.select(cfg, key, default=None)
 
     counts = [
         (select("prompts_per_step") or 0) * (select("algo.group_size") or 1),
-        (select("eval.batch_size") or 0) * (select("eval.n_samples") or 1) if select("eval.enabled") is not False else 0,
+        (select("eval.batch_size") or 0) * (select("eval.n_samples") or 1)
+        if select("eval.enabled") is not False
+        else 0,
         max(len(select("prompts") or []), select("num_prompts") or 0) * (select("n") or 1),
     ]
     return max(1, *counts)
@@ -493,6 +497,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         if ranks.is_main:
             drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
     examples = read_examples(cfg, cfg.reward)  # data errors come before any model loads
+    memory_plan = (
+        plan_for(cfg, settings, rollout_sequences(cfg)) if ranks.is_main else ""
+    )  # from the model's config: before it loads
     policy_from = str(resume_from / "policy") if resume_from else None
     model, tokenizer = load_model_and_tokenizer(cfg, policy_from, settings.lora)
     rollout_folder = (  # before ZeRO-3 partitions the weights; an adapter's merged weights come at the first sync
@@ -585,5 +592,5 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         eval_every=settings.eval.every,
         sample_every=log.sample_every, samples_shown=log.samples_shown, ranks=ranks,
         resume_from=resume_from, resume_command=resume_command, config=config or {},
-        policy_update=policy_update_of(algo, settings.sampling.temperature),
+        policy_update=policy_update_of(algo, settings.sampling.temperature), memory_plan=memory_plan,
     )  # fmt: skip

@@ -80,6 +80,10 @@ def dry_run(cfg, run_dir: Path) -> None:
     print(data_line)
     print("; ".join(parts))
     print(settings.layout.describe(algo.update_name))
+    from rlctl.build import rollout_sequences
+    from rlctl.plan import plan_for
+
+    print(plan_for(cfg, settings, rollout_sequences(cfg)))
     print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")
 
 
@@ -561,6 +565,7 @@ def _one_run_folder_for_all_ranks(args: list[str], name: str) -> list[str]:
         or "-m" in args
         or "--multirun" in args
         or any(a.startswith("hydra.run.dir=") for a in args)
+        or "dry_run=true" in args  # a dry run writes no folder and may name a world size nothing launched
     ):
         return args
     import time

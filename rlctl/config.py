@@ -82,7 +82,7 @@ class CriticConfig:
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # label used in run names and the model card
-    path: str = "embedded:smollm2-135m"  # hub id, local folder, embedded:NAME or random:tiny
+    path: str = "embedded:smollm2-135m"  # hub id, local folder, embedded:NAME or random:KIND (tiny, qwen2, qwen3, mistral, gemma, phi3, qwen3-moe)
     dtype: str = "float32"  # weight dtype: float32 | bfloat16 (mixed precision is engine.precision)
     trust_remote_code: bool = False  # run model code shipped with the checkpoint; only for sources you trust
     gradient_checkpointing: bool = False  # trade compute for activation memory

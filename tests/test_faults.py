@@ -40,7 +40,7 @@ def train_steps(run_dir, *overrides):
 
 def step_rows(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    drop = ("time", "time/", "throughput/", "trpo/time_")  # wall-clock figures
+    drop = ("time", "time/", "throughput/", "trpo/time_", "memory/")  # wall-clock and memory figures
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(drop)} for r in rows if "reward/mean" in r}
 
 

@@ -100,9 +100,9 @@ def test_a_causal_lm_or_a_classifier_with_two_labels_is_refused(tmp_path, tiny_m
         load_reward_model(str(tmp_path / "lm"))
     from transformers import AutoModelForSequenceClassification
 
-    from rlctl.models import tiny_config
+    from rlctl.models import random_config
 
-    config = tiny_config(len(tokenizer), None, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = random_config("tiny", len(tokenizer), None, tokenizer.eos_token_id, tokenizer.pad_token_id)
     config.num_labels = 2
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "two")
     tokenizer.save_pretrained(tmp_path / "two")

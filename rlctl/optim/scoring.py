@@ -10,6 +10,8 @@ import torch.utils.checkpoint
 
 from rlctl.optim.update import row_groups, row_lengths
 
+LOGPROB_CHUNK_TOKENS = 1024  # tokens whose full-vocabulary logits are held at once (memory: one chunk's logits)
+
 
 def _separate_head(model):
     """The LM head to apply to the last hidden states, or None where the model's own logits must be
@@ -37,7 +39,7 @@ def _chunk_logprobs(hidden, targets, head, temperature: float, with_entropy: boo
 
 def token_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float = 1.0,
-    with_entropy: bool = False, entropy_grad: bool = False, chunk_tokens: int = 1024,
+    with_entropy: bool = False, entropy_grad: bool = False, chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """log π(y) = z_y − logsumexp(z) and H(π) = logsumexp(z) − Σ_v π_v z_v, with z = head(h) / temperature.
 
@@ -205,7 +207,7 @@ def packing_for(model, input_ids, attention_mask, response_length: int) -> Promp
 
 def response_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
-    temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, chunk_tokens: int = 1024,
+    temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
     share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """log π(y_t | x, y_<t) for the last T = response_length tokens, and the entropy of π there.
@@ -310,7 +312,7 @@ def pack_rows(ids: list[list[int]], masks: list[list[int]], max_tokens: int, pad
 
 
 def target_logprobs(
-    model, input_ids, attention_mask, position_ids, loss_mask, chunk_tokens: int = 1024
+    model, input_ids, attention_mask, position_ids, loss_mask, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(x_{t+1} | x_≤t) of the tokens from the first one the loss covers, and which of them it covers.
 

@@ -29,6 +29,7 @@ import torch
 
 from rlctl.batch import Batch
 from rlctl.errors import RlctlError, check_fields
+from rlctl.models import in_checkpoint_layout
 from rlctl.rollout.hf import SamplingParams, assemble, eos_token_ids, left_pad
 
 # The engine must live in this process to receive the weights by reference (vLLM's default puts it
@@ -90,14 +91,20 @@ CPU_BLOCK_TOKENS = 128  # vLLM's KV-cache block on CPU: a sequence takes whole b
 CPU_KV_CAP_GIB = 2.0  # the CPU cache is never sized above this (vLLM queues what does not fit)
 
 
-def cpu_kv_cache_bytes(model_dir: str, precision: str, max_model_len: int, max_sequences: int) -> int:
+def kv_cache_bytes(layers: int, kv_width: int, precision: str, max_model_len: int, max_sequences: int) -> int:
     """Room for ``max_sequences`` sequences of ``max_model_len`` tokens at once, at most 2 GiB:
-    tokens × layers × 2 (K and V) × KV heads × head size × bytes per value. On CPU the cache is
-    process memory taken at start; vLLM's own default (2 GiB here) is ~8× what a small run needs.
-    A model config without these sizes gets the cap."""
+    tokens (whole blocks) × layers × 2 (K and V) × KV heads × head size × bytes per value."""
+    value_bytes = 4 if precision == "no" else 2
+    tokens = max_sequences * -(-max_model_len // CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS
+    return min(tokens * layers * 2 * kv_width * value_bytes, int(CPU_KV_CAP_GIB * 2**30))
+
+
+def cpu_kv_cache_bytes(model_dir: str, precision: str, max_model_len: int, max_sequences: int) -> int:
+    """:func:`kv_cache_bytes` for the model in ``model_dir``. On CPU the cache is process memory taken
+    at start; vLLM's own default (2 GiB here) is ~8× what a small run needs. A model config without
+    these sizes gets the cap."""
     from transformers import AutoConfig
 
-    cap = int(CPU_KV_CAP_GIB * 2**30)
     try:
         config = AutoConfig.from_pretrained(model_dir).get_text_config()
         heads = config.num_attention_heads
@@ -105,10 +112,8 @@ def cpu_kv_cache_bytes(model_dir: str, precision: str, max_model_len: int, max_s
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers = config.num_hidden_layers
     except (OSError, ValueError, AttributeError, TypeError):
-        return cap
-    value_bytes = 4 if precision == "no" else 2
-    tokens = max_sequences * -(-max_model_len // CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS
-    return min(tokens * layers * 2 * kv_heads * head_dim * value_bytes, cap)
+        return int(CPU_KV_CAP_GIB * 2**30)
+    return kv_cache_bytes(layers, kv_heads * head_dim, precision, max_model_len, max_sequences)
 
 
 class VLLMEngine:
@@ -194,7 +199,11 @@ class VLLMEngine:
         if self.holds == wanted:
             return
         dtype = getattr(torch, self.dtype)
-        weights = ((name, tensor.to(dtype)) for name, tensor in policy.named_weights())
+        # In the checkpoint's layout: vLLM's loaders read the names and shapes of the files on disk.
+        weights = (
+            (name, tensor.to(dtype))
+            for name, tensor in in_checkpoint_layout(policy.unwrapped(), policy.named_weights())
+        )
         if self.tensor_parallel_size > 1:  # the engine's workers are other processes: they need a picklable list
             weights = list(weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
