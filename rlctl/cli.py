@@ -1,4 +1,4 @@
-"""`rlctl train | sft | rm | dpo | eval | generate | recipes`: compose the config with Hydra, call one function."""
+"""`rlctl train | sft | rm | dpo | eval | generate | recipes | report | doctor`: compose the config with Hydra, call one function."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ commands:
   generate   sample completions from a model and print them
   recipes    list ready experiments (run one with `rlctl train recipe=NAME`)
   report     redraw a run's curves.png and print its held-out results: rlctl report RUN_DIR
+  doctor     library versions against the tested ones, the device, what a default run would use
   --version  print rlctl's version
 
 Each command is a Hydra app: `rlctl train --help` lists the config groups,
@@ -57,7 +58,10 @@ def dry_run(cfg, run_dir: Path) -> None:
     import shutil
     import time
 
-    from rlctl.build import check_reward_functions, read_train_settings
+    import torch
+
+    from rlctl.build import check_reward_functions, read_train_settings, rollout_sequences
+    from rlctl.plan import check_lora_targets, model_shape, plan_for
 
     started = time.perf_counter()
     settings = read_train_settings(cfg)
@@ -75,15 +79,18 @@ def dry_run(cfg, run_dir: Path) -> None:
         parts.append(f"one trust-region step per minibatch (max_kl {algo.max_kl:g}), CG iterations {algo.cg_iters}, "
                      f"Fisher on {fisher} samples, line search of {algo.line_search_steps} tries")  # fmt: skip
     check_reward_functions(cfg.reward)
+    shape = model_shape(cfg)  # the model's config only
+    if settings.sampling.backend == "vllm":
+        from rlctl.rollout.vllm import check_architecture
+
+        check_architecture(shape.architecture, shape.experts, torch.cuda.is_available())
+    check_lora_targets(cfg, settings, shape)
     data_line = _data_line(cfg, settings)  # reads the data: its errors come before "config OK"
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)
     print("; ".join(parts))
     print(settings.layout.describe(algo.update_name))
-    from rlctl.build import rollout_sequences
-    from rlctl.plan import plan_for
-
-    print(plan_for(cfg, settings, rollout_sequences(cfg)))
+    print(plan_for(cfg, settings, shape, rollout_sequences(cfg)))
     print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")
 
 
@@ -590,13 +597,18 @@ def main(argv: list[str] | None = None) -> None:
     if command == "recipes":
         print_recipes()
         return
+    if command == "doctor":
+        from rlctl.doctor import report as doctor_report
+
+        print(doctor_report())
+        return
     if command == "report":
         if len(rest) != 1:
             fail("usage: rlctl report RUN_DIR")
         report(rest[0])
         return
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['recipes', 'report']}")
+        fail(f"unknown command {command!r}; known: {sorted(COMMANDS) + ['doctor', 'recipes', 'report']}")
     if command in RUN_FOLDER_COMMANDS:
         _refuse_a_launch_that_started_too_few_processes()
         rest = _one_run_folder_for_all_ranks(rest, "${algo.name}" if command == "train" else command)

@@ -46,6 +46,18 @@ class LoraSpec:
         return self.alpha / self.r
 
 
+def check_targets(linear_names: list[str], targets: list[str], key: str = "model.lora.target_modules") -> None:
+    """One line, before the model loads, when a target names no linear layer of the model: the
+    suffixes that do exist (``linear_names``: the model's linear layers but the LM head)."""
+    if targets == ["all-linear"]:
+        return
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in linear_names):
+            raise RlctlError(f"{key}: the model has no linear layer named {target!r}; its linear layers: {suffixes} "
+                             "(or all-linear)")  # fmt: skip
+
+
 def add_adapter(model: torch.nn.Module, spec: LoraSpec, task_type: str | None = "CAUSAL_LM") -> torch.nn.Module:
     """``model`` with a fresh LoRA adapter (B = 0: it computes what ``model`` did); only the adapter
     trains. ``task_type=None`` for a transformer body without an LM head (a critic's backbone)."""

