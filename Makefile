@@ -17,7 +17,7 @@ define install_vllm
 	fi
 endef
 
-.PHONY: setup test test-all test-slow lint smoke train bench clean wheel-check docs
+.PHONY: setup test test-all test-slow test-gpu lint smoke train bench clean wheel-check docs
 
 setup: $(BIN)/rlctl
 $(BIN)/rlctl: pyproject.toml
@@ -40,6 +40,11 @@ test-all: test
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+# On a GPU machine, after `make setup` (which installs the CUDA vLLM wheel where torch is a CUDA build):
+# the engine's sleep/wake around the update, CUDA graphs, tensor parallelism, bf16 on CUDA.
+test-gpu: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs -m gpu tests/test_gpu.py
 
 lint: setup
 	$(BIN)/ruff check rlctl tests scripts
