@@ -96,7 +96,7 @@ class ConsoleSink:
         self.progress.console.print(samples_table(rows, step))
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, soft_wrap=True)  # a long line wraps in the terminal, not in the log
 
     def close(self) -> None:
         self.progress.stop()

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MISTAKES = ROOT / "docs" / "mistakes.md"
 HYDRA_APPS = ("train", "sft", "rm", "dpo", "eval", "generate")
-OTHER_COMMANDS = ("recipes", "report", "--version", "--help")
+OTHER_COMMANDS = ("recipes", "report", "doctor", "--version", "--help")
 # Words the docs write for "your value here", and a value that stands for each.
 PLACEHOLDERS = {"RUN_DIR": "runs/example", "RUN": "runs/example", "NAME": "smoke", "URL": "http://127.0.0.1:8000/score",
                 "PATH": "runs/example", "[overrides]": ""}  # fmt: skip
