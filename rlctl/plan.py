@@ -136,10 +136,12 @@ class Plan:
     rows: tuple[tuple[str, int, str], ...]  # (term, bytes on the device, how it was counted)
     cpu_rows: tuple[tuple[str, int], ...]  # offloaded state, in CPU memory even on a GPU run
     model_states: int  # weights + gradients + optimiser of the policy (DeepSpeed's estimator's scope)
+    on_gpu: bool = False  # on a CPU run the device is the CPU: offloading saves nothing
 
     @property
     def total(self) -> int:
-        return sum(b for _, b, _ in self.rows)
+        offloaded = 0 if self.on_gpu else sum(b for _, b in self.cpu_rows)
+        return sum(b for _, b, _ in self.rows) + offloaded
 
 
 def _policy_states(inputs: PlanInputs, parameters: int, trainable: int, largest: int) -> list[tuple[str, int, str]]:
@@ -237,7 +239,7 @@ def memory_plan(inputs: PlanInputs) -> Plan:
         rows.append(
             ("this process before loading", inputs.process_bytes, "measured now (interpreter, torch, libraries)")
         )
-    return Plan(tuple(rows), tuple(cpu_rows), model_states)
+    return Plan(tuple(rows), tuple(cpu_rows), model_states, inputs.on_gpu)
 
 
 def deepspeed_estimate(inputs: PlanInputs) -> int | None:
@@ -265,6 +267,7 @@ REMEDIES = (
     ("deepspeed=zero3", lambda i: replace(i, zero_stage=3) if i.world_size > 1 and (i.zero_stage or 0) < 3 and not i.trust_region else None),
     ("deepspeed.offload_optimizer=true", lambda i: replace(i, offload_optimizer=True) if i.zero_stage and not i.offload_optimizer else None),
     ("optim.micro_batch_size=<half>", lambda i: replace(i, micro_batch_tokens=i.micro_batch_tokens // 2) if i.micro_batch_tokens > 1 else None),
+    ("rollout=hf", lambda i: replace(i, rollout="hf", engine_bytes=0) if i.rollout == "vllm" else None),
     ("rollout.gpu_memory_utilization=<lower>", lambda i: replace(i, engine_bytes=i.engine_bytes // 2) if i.rollout == "vllm" and i.on_gpu else None),
 )  # fmt: skip
 
@@ -313,7 +316,10 @@ def describe(plan: Plan, inputs: PlanInputs, budget: tuple[int, str] | None = No
         states_line += f"   DeepSpeed's estimator: {gib(estimate).strip()}"
     lines.append(states_line)
     for name, size in plan.cpu_rows:
-        lines.append(f"  {'offloaded ' + name + ' (CPU)':<36} {gib(size)}")
+        lines.append(
+            f"  {'offloaded ' + name + ' (CPU)':<36} {gib(size)}"
+            + ("" if inputs.on_gpu else "   in the total: the device is the CPU")
+        )
     lines.append(f"  {'total':<36} {gib(plan.total)}")
     if budget is not None:
         available, what = budget

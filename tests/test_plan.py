@@ -86,6 +86,15 @@ def test_the_model_states_equal_deepspeeds_estimator(stage, offload, world_size)
     assert deepspeed_estimate(inputs) == theirs
 
 
+def test_offloading_moves_state_off_a_gpu_but_saves_nothing_on_a_cpu():
+    inputs = PlanInputs(shape=TINY, world_size=2, zero_stage=2, precision="bf16", offload_optimizer=True)
+    on_cpu, on_gpu = memory_plan(inputs), memory_plan(replace(inputs, on_gpu=True))
+    kept = memory_plan(replace(inputs, offload_optimizer=False))
+    assert on_cpu.total == kept.total  # the offloaded gradients and moments are in the same RAM
+    assert on_gpu.total == kept.total - sum(size for _, size in on_gpu.cpu_rows) < kept.total
+    assert "deepspeed.offload_optimizer=true" not in [o for o, _ in remedies(replace(inputs, offload_optimizer=False))]
+
+
 def test_lora_drops_the_reference_copy_and_trains_only_the_adapter():
     full = rows(memory_plan(PlanInputs(shape=TINY)))
     lora = rows(memory_plan(PlanInputs(shape=TINY, lora_r=16)))
