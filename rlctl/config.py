@@ -316,6 +316,7 @@ class RMConfig:
     epochs: float = 2.0  # passes over the training pairs (when steps = 0)
     steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
     margin: float = 0.0  # added to every pair's own margin: loss = −log σ(r_chosen − r_rejected − margin)
+    center_rewards_coefficient: float = 0.0  # c of the added c·mean((r_chosen + r_rejected)²), keeping scores near 0 (TRL's); 0 = off
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end
 
 

@@ -8,6 +8,8 @@ evaluation of ``rlctl train``. The loss of a minibatch of N pairs (over all rank
     L = (1/N) Σ_i −log σ(r(x_i, y_i^chosen) − r(x_i, y_i^rejected) − m_i)
 
 with m_i the pair's margin (its row's ``margin`` plus ``margin`` of the config, 0 by default).
+``center_rewards_coefficient`` c > 0 adds c·(1/N) Σ_i (r_c,i + r_r,i)², which keeps the scores near
+zero (Bradley-Terry sees only their differences, so their level drifts otherwise).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class RewardModelObjective:
     eval_batch_size: int
     pad_id: int
     autocast: object
+    center_coef: float = 0.0  # c of the centring term c·mean((r_c + r_r)²)
 
     def describe(self) -> str:
         return (f"reward model: {self.model_name} (one label), {len(self.train_pairs)} training pairs, "
@@ -100,9 +103,10 @@ class RewardModelObjective:
 
         def loss_fn(micro: PairBatch):
             chosen, rejected = pair_scores(engine.model, micro, self.pad_id, self.autocast)
-            loss = bradley_terry_loss(chosen, rejected, micro.margins) / total_pairs  # this micro-batch's share
+            centring = self.center_coef * ((chosen + rejected) ** 2).sum()
+            loss = (bradley_terry_loss(chosen, rejected, micro.margins) + centring) / total_pairs  # this micro-batch's share
             gap = (chosen - rejected).detach()
-            return loss, {"loss/rm": loss.detach(), "rm/accuracy": (gap > 0).float().mean(),
+            return loss, {"loss/rm": loss.detach(), "rm/centring": centring.detach() / total_pairs, "rm/accuracy": (gap > 0).float().mean(),
                           "rm/margin": gap.mean(), "rm/chosen": chosen.detach().mean(),
                           "rm/rejected": rejected.detach().mean()}  # fmt: skip
 
@@ -168,6 +172,8 @@ def read_rm_settings(cfg: DictConfig, ranks: Ranks):
     optim, zero, micro = read_engine_settings(cfg, "rm", "pairs_per_step", ranks)
     if not math.isfinite(cfg.margin):
         raise RlctlError(f"margin: must be a finite number, got {cfg.margin}")
+    if not (math.isfinite(cfg.center_rewards_coefficient) and cfg.center_rewards_coefficient >= 0):
+        raise RlctlError(f"center_rewards_coefficient: must be ≥ 0 (0 = off), got {cfg.center_rewards_coefficient}")
     if cfg.eval.batch_size < 1:
         raise RlctlError(f"eval.batch_size: must be ≥ 1, got {cfg.eval.batch_size}")
     if read_lora(cfg).enabled:
@@ -204,7 +210,8 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
     say_when_nothing_is_held_out(logger, "pairs", len(train), len(held_out), settings.eval_enabled)
     objective = RewardModelObjective(type(engine.unwrapped()).__name__, train, held_out, cfg.margin,
-                                     cfg.eval.batch_size, tokenizer.pad_token_id, engine.autocast)  # fmt: skip
+                                     cfg.eval.batch_size, tokenizer.pad_token_id, engine.autocast,
+                                     cfg.center_rewards_coefficient)  # fmt: skip
     return OfflineRun(
         name="rm", objective=objective, tokenizer=tokenizer, engine=engine,
         sampler=PromptSampler(len(train), settings.per_step * ranks.world_size, data.seed), settings=replace(

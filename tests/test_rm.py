@@ -46,7 +46,9 @@ def compose_rm(*overrides):
 
 def one_step_gradient(tmp_path, *overrides):
     """The gradient the first step's update applies, and the step's metrics."""
-    return gradient_of_update(build_rm(compose_rm("engine.precision=no", "eval.enabled=false", *overrides), tmp_path, ""))
+    return gradient_of_update(
+        build_rm(compose_rm("engine.precision=no", "eval.enabled=false", *overrides), tmp_path, "")
+    )
 
 
 def test_micro_batches_give_the_update_of_the_whole_batch(tmp_path):
@@ -157,12 +159,37 @@ def test_rm_resumes_where_it_stopped(rm_run):
     assert [r["step"] for r in rows if "loss/rm" in r] == [1, 2, 3, 4]
 
 
+def test_the_centring_term_adds_c_times_the_mean_squared_sum_of_the_pair_scores(tmp_path):
+    # Same pairs and initial weights with c = 0 and c = 0.5: the losses differ by exactly
+    # c·(1/N)Σ(r_c + r_r)², computed here from the step's own mean scores only when N = 1, so one pair.
+    plain, plain_metrics = one_step_gradient(tmp_path / "a", "pairs_per_step=1", "optim.micro_batch_size=1")
+    _, centred_metrics = one_step_gradient(tmp_path / "b", "pairs_per_step=1", "optim.micro_batch_size=1",
+                                           "center_rewards_coefficient=0.5")  # fmt: skip
+    total = plain_metrics["rm/chosen"] + plain_metrics["rm/rejected"]  # one pair: the means are its scores
+    assert float(centred_metrics["rm/centring"]) == pytest.approx(0.5 * float(total) ** 2, rel=1e-5)
+    assert float(centred_metrics["loss/rm"]) == pytest.approx(
+        float(plain_metrics["loss/rm"]) + 0.5 * float(total) ** 2, rel=1e-5
+    )
+    assert float(plain_metrics["rm/centring"]) == 0.0
+
+
+def test_with_centring_micro_batches_still_give_the_update_of_the_whole_batch(tmp_path):
+    whole, whole_metrics = one_step_gradient(tmp_path / "a", "pairs_per_step=8", "optim.micro_batch_size=8",
+                                             "center_rewards_coefficient=0.01")  # fmt: skip
+    split, metrics = one_step_gradient(tmp_path / "b", "pairs_per_step=8", "optim.micro_batch_size=3",
+                                       "center_rewards_coefficient=0.01")  # fmt: skip
+    assert metrics["loss/rm"] == pytest.approx(whole_metrics["loss/rm"], abs=1e-6)
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "command, overrides, message",
     [
         ("rm", ["data.source=jsonl"], "data.path: the jsonl source needs a file of preference pairs"),
         ("rm", ["optim.minibatch_size=4"], "optim.minibatch_size: rlctl rm makes one update"),
         ("rm", ["data.eval_fraction=1.5"], "data.eval_fraction: must be in [0, 1)"),
+        ("rm", ["center_rewards_coefficient=-1"], "center_rewards_coefficient: must be ≥ 0 (0 = off), got -1.0"),
         ("train", ["recipe=smoke", "reward=model"], "reward.model_path: the reward_model term needs it"),
         ("train", ["recipe=smoke", "reward=model", "reward.model_path=/nope"], "reward.model_path: no such folder"),
         ("train", ["recipe=smoke", "reward=http"], "reward.url: the http term needs it"),
