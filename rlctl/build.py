@@ -44,7 +44,7 @@ from rlctl.optim.engine import (
 from rlctl.optim.layout import BatchLayout
 from rlctl.optim.trust_region import trust_region_update
 from rlctl.optim.update import update
-from rlctl.plan import check_lora_targets, model_shape, plan_for
+from rlctl.plan import checked_model_shape, plan_for
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
@@ -497,12 +497,7 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         if ranks.is_main:
             drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
     examples = read_examples(cfg, cfg.reward)  # data errors come before any model loads
-    shape = model_shape(cfg)  # from the model's config: what the engine can serve and the plan, before it loads
-    if settings.sampling.backend == "vllm":
-        from rlctl.rollout.vllm import check_architecture
-
-        check_architecture(shape.architecture, shape.experts, torch.cuda.is_available())
-    check_lora_targets(cfg, settings, shape)
+    shape = checked_model_shape(cfg, settings)  # from the model's config alone, before any weights load
     memory_plan = plan_for(cfg, settings, shape, rollout_sequences(cfg)) if ranks.is_main else ""
     policy_from = str(resume_from / "policy") if resume_from else None
     model, tokenizer = load_model_and_tokenizer(cfg, policy_from, settings.lora)

@@ -58,10 +58,8 @@ def dry_run(cfg, run_dir: Path) -> None:
     import shutil
     import time
 
-    import torch
-
     from rlctl.build import check_reward_functions, read_train_settings, rollout_sequences
-    from rlctl.plan import check_lora_targets, model_shape, plan_for
+    from rlctl.plan import checked_model_shape, plan_for
 
     started = time.perf_counter()
     settings = read_train_settings(cfg)
@@ -79,12 +77,7 @@ def dry_run(cfg, run_dir: Path) -> None:
         parts.append(f"one trust-region step per minibatch (max_kl {algo.max_kl:g}), CG iterations {algo.cg_iters}, "
                      f"Fisher on {fisher} samples, line search of {algo.line_search_steps} tries")  # fmt: skip
     check_reward_functions(cfg.reward)
-    shape = model_shape(cfg)  # the model's config only
-    if settings.sampling.backend == "vllm":
-        from rlctl.rollout.vllm import check_architecture
-
-        check_architecture(shape.architecture, shape.experts, torch.cuda.is_available())
-    check_lora_targets(cfg, settings, shape)
+    shape = checked_model_shape(cfg, settings)  # from the model's config alone, before any weights load
     data_line = _data_line(cfg, settings)  # reads the data: its errors come before "config OK"
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)

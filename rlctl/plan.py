@@ -370,6 +370,18 @@ def model_shape(cfg) -> ModelShape:
     return shape_of(config_of(cfg.model.path, cfg.model.trust_remote_code))
 
 
+def checked_model_shape(cfg, settings) -> ModelShape:
+    """The run's model shape, and what its config alone can refuse before any weights load: an
+    architecture the rollout engine cannot serve, LoRA targets the model does not have."""
+    shape = model_shape(cfg)
+    if settings.sampling.backend == "vllm":
+        from rlctl.rollout.vllm import check_architecture
+
+        check_architecture(shape.architecture, shape.experts, torch.cuda.is_available())
+    check_lora_targets(cfg, settings, shape)
+    return shape
+
+
 def check_lora_targets(cfg, settings, shape: ModelShape) -> None:
     """The policy's and the critic's LoRA targets name linear layers the model has (before it loads)."""
     from rlctl.lora import check_targets
