@@ -227,6 +227,8 @@ def memory_plan(inputs: PlanInputs) -> Plan:
             rows.append(("rollout engine weights", engine_weights, "its own copy"))
             rows.append(("rollout engine KV cache", inputs.engine_bytes, "sized for one rollout"))
     activations, note = _activations(inputs)
+    other, _ = _activations(replace(inputs, gradient_checkpointing=not inputs.gradient_checkpointing))
+    note += f"; {'without' if inputs.gradient_checkpointing else 'with'} gradient checkpointing {other / GIB:.2f} GiB"
     rows.append(("activations (largest micro-batch)", activations, note))
     rows.append(
         (
