@@ -213,7 +213,8 @@ def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, Ht
         if name in names and not value:
             raise RlctlError(f"{key}: the {name} term needs it (reward.terms names {name!r}); set {key}=...")
     if "reward_model" in names:
-        check_reward_model_config(model.model_path)
+        for index, path in enumerate(model.paths):
+            check_reward_model_config(path, model.key_of(index))
     if "http" in names:
         HttpReward(http)  # checks the URL and that the header variables are set
     return rules, model, http

@@ -135,7 +135,9 @@ class RewardConfig:
     fallback: float = 0.0  # score given when a reward function raises or times out
     on_error: str = "fallback"  # fallback (count it in reward/errors and go on) | stop (end the run)
     max_failed_steps: int = 2  # stop when a term fails on every sample for this many steps in a row
-    model_path: str | None = None  # reward_model term: a one-label sequence classifier (hub id, folder, `rlctl rm` run)
+    # reward_model term: a one-label sequence classifier (hub id, folder, `rlctl rm` run), or a list of them (an ensemble)
+    model_path: Any = None
+    ensemble_penalty: float = 0.0  # reward_model ensemble: score = mean − penalty × std over the members (0 = the mean)
     model_batch_size: int = 32  # reward_model term: sequences per forward pass
     model_max_tokens: int = 1024  # reward_model term: longer prompt + completion texts keep their last tokens
     normalize: bool = False  # reward_model term: (score − running mean) / running std, the moments kept in checkpoints

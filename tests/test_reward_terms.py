@@ -30,7 +30,13 @@ def tiny_rm_folder(tmp_path_factory, tokenizer):
 
 
 def spec(path, **changes):
-    values = {"model_path": str(path), "model_batch_size": 3, "model_max_tokens": 1024, "normalize": False, "clip": 0.0}
+    values = {
+        "model_path": path if isinstance(path, list) else str(path),
+        "model_batch_size": 3,
+        "model_max_tokens": 1024,
+        "normalize": False,
+        "clip": 0.0,
+    }
     return ModelRewardSpec(**{**values, **changes})
 
 
@@ -263,3 +269,66 @@ def test_header_values_come_from_the_environment_and_a_missing_one_is_named(monk
         HttpReward(HttpRewardSpec("http://127.0.0.1:1/", {"Authorization": "RM_MISSING_KEY"}))
     with pytest.raises(RlctlError, match="reward.url: must start with http:// or https://"):
         HttpReward(HttpRewardSpec("127.0.0.1:8000"))
+
+
+# --- reward-model ensembles ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_rm_folder(tmp_path_factory, tokenizer):
+    from rlctl.rm import load_rm_model
+
+    folder = tmp_path_factory.mktemp("rm") / "tiny-rm-b"
+    model = load_rm_model("random:tiny", tokenizer, "float32", False, seed=5)  # another head and body
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_an_ensemble_scores_the_members_mean_minus_k_times_their_std(tiny_rm_folder, second_rm_folder):
+    completions = ["7", "The answer is 8.", "seven"]
+    a = ModelReward(spec(tiny_rm_folder), "float32", False)([CHAT] * 3, completions, ["7"] * 3)
+    b = ModelReward(spec(second_rm_folder), "float32", False)([CHAT] * 3, completions, ["7"] * 3)
+    assert a != pytest.approx(b)  # two different members
+    ensemble = ModelReward(spec([str(tiny_rm_folder), str(second_rm_folder)], ensemble_penalty=0.5), "float32", False)
+    scores = ensemble([CHAT] * 3, completions, ["7"] * 3)
+    # By hand: two members' mean (a + b)/2 and population std |a − b|/2.
+    for s, x, y in zip(scores, a, b):
+        assert s == pytest.approx((x + y) / 2 - 0.5 * abs(x - y) / 2, abs=1e-5)
+    std = ensemble.last_stats["ensemble_std"]
+    assert std.tolist() == pytest.approx([abs(x - y) / 2 for x, y in zip(a, b)], abs=1e-5)
+    plain_mean = ModelReward(spec([str(tiny_rm_folder), str(second_rm_folder)]), "float32", False)
+    assert plain_mean([CHAT] * 3, completions, ["7"] * 3) == pytest.approx(
+        [(x + y) / 2 for x, y in zip(a, b)], abs=1e-5
+    )
+
+
+def test_the_ensembles_disagreement_is_logged_beside_the_terms(tiny_rm_folder, second_rm_folder):
+    members = ModelReward(spec([str(tiny_rm_folder), str(second_rm_folder)], ensemble_penalty=1.0), "float32", False)
+    rewards = WeightedRewards([Term("exact_number", 1.0, {}), Term("reward_model", 0.1, {})],
+                              scorers={"reward_model": members})  # fmt: skip
+    result = rewards(["7", "8"], ["7", "7"], [CHAT, CHAT])
+    assert list(result.per_term) == ["exact_number", "reward_model", "ensemble_std"]  # after the terms
+    assert result.correct.tolist() == [True, False]  # the accuracy term is still the first
+    assert (result.per_term["ensemble_std"] > 0).all()
+
+
+def test_ensemble_mistakes_name_the_key(tiny_rm_folder, tiny_model, tokenizer, tmp_path):
+    from test_architectures import compose_for
+
+    from rlctl.build import reward_settings
+
+    members = f"reward.model_path=[{tiny_rm_folder},{tiny_rm_folder}]"
+    with pytest.raises(RlctlError, match=r"^reward.ensemble_penalty: must be ≥ 0 \(0 = the members' mean\), got -1"):
+        reward_settings(compose_for("train", "tiny", "reward=model", members, "reward.ensemble_penalty=-1").reward)
+    with pytest.raises(RlctlError, match=r"^reward.model_path: must name at least one reward model"):
+        reward_settings(compose_for("train", "tiny", "reward=model", "reward.model_path=[]").reward)
+    assert (
+        reward_settings(compose_for("train", "tiny", "reward=model", members).reward)[1].paths
+        == [str(tiny_rm_folder)] * 2
+    )
+    tiny_model.save_pretrained(tmp_path / "causal")  # a member that is not a reward model
+    tokenizer.save_pretrained(tmp_path / "causal")
+    with pytest.raises(RlctlError, match=r"^reward.model_path\[1\]: .* is not a reward model"):
+        ModelReward(spec([str(tiny_rm_folder), str(tmp_path / "causal")]), "float32", False)

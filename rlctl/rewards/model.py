@@ -23,17 +23,34 @@ from rlctl.errors import RlctlError, check_fields
 class ModelRewardSpec:
     """The reward model keys of the ``reward`` group, filled by field name."""
 
-    model_path: str | None  # hub id, folder, or an `rlctl rm` run (its checkpoints/final)
+    model_path: str | list | None  # hub id, folder, or an `rlctl rm` run (its checkpoints/final); a list: an ensemble
     model_batch_size: int  # sequences per forward pass
     model_max_tokens: int  # longer texts keep their last tokens (where the answer is)
     normalize: bool  # subtract the running mean, divide by the running std
     clip: float  # clamp to [-clip, clip] after normalising (0 = off)
+    ensemble_penalty: float = 0.0  # score = mean − penalty × std over the members
 
     def __post_init__(self) -> None:
+        if self.model_path is not None and not isinstance(self.model_path, str):
+            object.__setattr__(self, "model_path", [str(p) for p in self.model_path])
         checks = (("model_batch_size", self.model_batch_size >= 1, "must be ≥ 1"),
                   ("model_max_tokens", self.model_max_tokens >= 8, "must be ≥ 8"),
-                  ("clip", self.clip >= 0 and math.isfinite(self.clip), "must be ≥ 0 (0 = off)"))  # fmt: skip
+                  ("clip", self.clip >= 0 and math.isfinite(self.clip), "must be ≥ 0 (0 = off)"),
+                  ("model_path", self.model_path is None or len(self.paths) > 0, "must name at least one reward model"),
+                  ("ensemble_penalty", self.ensemble_penalty >= 0 and math.isfinite(self.ensemble_penalty),
+                   "must be ≥ 0 (0 = the members' mean)"))  # fmt: skip
         check_fields(self, checks)
+
+    @property
+    def paths(self) -> list[str]:
+        """The members: one path, or the ensemble's."""
+        if self.model_path is None:
+            return []
+        return [self.model_path] if isinstance(self.model_path, str) else list(self.model_path)
+
+    def key_of(self, index: int) -> str:
+        """The config key that names member ``index`` (for errors)."""
+        return "reward.model_path" if isinstance(self.model_path, str) else f"reward.model_path[{index}]"
 
 
 class RunningMoments:
@@ -74,7 +91,9 @@ def not_a_reward_model(key: str, path: str, architectures: list[str] | None, mis
 
 
 def several_labels(key: str, path: str, labels: int) -> RlctlError:
-    return RlctlError(f"{key}: {path!r} is a classifier with {labels} labels; a reward model has one (a scalar score per sequence)")
+    return RlctlError(
+        f"{key}: {path!r} is a classifier with {labels} labels; a reward model has one (a scalar score per sequence)"
+    )
 
 
 def check_reward_model_config(path: str, key: str = "reward.model_path") -> None:
@@ -162,8 +181,18 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
 
 
+def ensemble_score(member_scores: torch.Tensor, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members' scores [M, N] -> (mean − penalty · std over the members [N], that std [N]).
+    The std is the population one (divided by M): 0 for one member, so a single model is its own score."""
+    std = member_scores.std(dim=0, correction=0)
+    return member_scores.mean(dim=0) - penalty * std, std
+
+
 class ModelReward:
     """The ``reward_model`` term: ``score = RM(chat + completion)``, normalised and clipped if asked.
+    With several reward models (an ensemble), ``score = mean_m RM_m − ensemble_penalty · std_m RM_m``
+    (Coste et al. 2023: penalising the members' disagreement resists over-optimisation); each member
+    reads the text with its own tokenizer, and their disagreement is logged as ``reward/ensemble_std``.
 
     Frozen; partitioned across ranks under ZeRO-3 like the reference model (every rank calls it
     the same number of times: its own samples, in equal chunks)."""
@@ -179,23 +208,35 @@ class ModelReward:
                 "a folder, or an `rlctl rm` run)"
             )
         self.spec = spec
-        model, self.tokenizer = load_reward_model(spec.model_path, dtype, trust_remote_code)
-        self.model = frozen_for_inference(model, zero)
+        self.members = []  # (frozen model, its tokenizer), one per reward model
+        for index, path in enumerate(spec.paths):
+            model, tokenizer = load_reward_model(path, dtype, trust_remote_code, spec.key_of(index))
+            self.members.append((frozen_for_inference(model, zero), tokenizer))
         self.autocast = autocast or contextlib.nullcontext
         self.moments = RunningMoments()
         self.learning = True  # the moments follow the scores seen in training, not in evaluation
+        self.last_stats: dict[str, torch.Tensor] = {}  # per-sample figures of the last call, logged as reward/<name>
 
     @torch.no_grad()
+    def member_scores(self, chats: list[list[dict]], completions: list[str]) -> torch.Tensor:
+        """Every member's scores [M, N], before combining and normalising."""
+        rows = []
+        for model, tokenizer in self.members:
+            ids = encode_texts(tokenizer, chats, completions, self.spec.model_max_tokens)
+            device = next(model.parameters()).device
+            scores = []
+            for start in range(0, len(ids), self.spec.model_batch_size):
+                input_ids, mask = right_pad(ids[start : start + self.spec.model_batch_size], tokenizer.pad_token_id)
+                with self.autocast():
+                    scores.append(sequence_scores(model, input_ids.to(device), mask.to(device)).cpu())
+            rows.append(torch.cat(scores) if scores else torch.zeros(0))
+        return torch.stack(rows)
+
     def raw_scores(self, chats: list[list[dict]], completions: list[str]) -> torch.Tensor:
-        """The model's scores [N], before normalising."""
-        ids = encode_texts(self.tokenizer, chats, completions, self.spec.model_max_tokens)
-        device = next(self.model.parameters()).device
-        scores = []
-        for start in range(0, len(ids), self.spec.model_batch_size):
-            input_ids, mask = right_pad(ids[start : start + self.spec.model_batch_size], self.tokenizer.pad_token_id)
-            with self.autocast():
-                scores.append(sequence_scores(self.model, input_ids.to(device), mask.to(device)).cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+        """The term's scores [N] before normalising: the model's, or the ensemble's mean − penalty · std."""
+        scores, std = ensemble_score(self.member_scores(chats, completions), self.spec.ensemble_penalty)
+        self.last_stats = {"ensemble_std": std} if len(self.members) > 1 else {}
+        return scores
 
     def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
         scores = self.raw_scores(prompts, completions)

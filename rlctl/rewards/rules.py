@@ -380,4 +380,6 @@ class WeightedRewards:
             judge = Term("accuracy", 1.0, {})
             correct = torch.tensor([float(self._call(self.accuracy_rule, judge, c, a)) >= 1.0
                                     for c, a in zip(completions, answers)], dtype=torch.bool)  # fmt: skip
+        for fn in self.functions:  # a scorer's own per-sample figures (an ensemble's disagreement), after the terms
+            per_term.update(getattr(fn, "last_stats", {}))
         return RewardResult(total, correct, per_term, steps if any_steps else None, dict(self._failures))
