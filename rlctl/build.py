@@ -47,6 +47,7 @@ from rlctl.optim.update import update
 from rlctl.plan import checked_model_shape, plan_for
 from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
+from rlctl.rewards.judge import JudgeReward, JudgeSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
 from rlctl.rewards.rules import RewardSpec, load_user_reward
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
@@ -202,10 +203,16 @@ def data_warnings(layout: BatchLayout, train_prompts: int) -> list[str]:
     return []
 
 
-def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, HttpRewardSpec]:
-    """The ``reward`` group as its three consumers: the weighted terms, the reward model, the server.
+@dataclass(frozen=True)
+class JudgeGroup:
+    judge: dict  # the reward.judge group, filled into JudgeSpec on its own
+
+
+def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, HttpRewardSpec, JudgeSpec]:
+    """The ``reward`` group as its consumers: the weighted terms, the reward model, the server, the judge.
     A scorer's term without its key (reward_model without reward.model_path) is refused here."""
-    rules, model, http = fill("reward", reward, RewardSpec, ModelRewardSpec, HttpRewardSpec)
+    rules, model, http, group = fill("reward", reward, RewardSpec, ModelRewardSpec, HttpRewardSpec, JudgeGroup)
+    judge = fill("reward.judge", group.judge, JudgeSpec)
     if rules.fn is not None and ".py:" not in rules.fn:
         raise RlctlError(f"reward.fn: expected 'path/to/file.py:function', got {rules.fn!r}")
     names = {term.name for term in rules.term_list()}
@@ -217,7 +224,7 @@ def reward_settings(reward: DictConfig) -> tuple[RewardSpec, ModelRewardSpec, Ht
             check_reward_model_config(path, model.key_of(index))
     if "http" in names:
         HttpReward(http)  # checks the URL and that the header variables are set
-    return rules, model, http
+    return rules, model, http, judge
 
 
 def check_reward_functions(reward: DictConfig) -> None:
@@ -232,7 +239,7 @@ def check_reward_functions(reward: DictConfig) -> None:
 
 def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) -> WeightedRewards:
     """The reward stage: rule terms, and the scorers the terms name (a reward model, a server)."""
-    rules, model_spec, http_spec = reward_settings(cfg.reward)
+    rules, model_spec, http_spec, judge_spec = reward_settings(cfg.reward)
     terms = rules.term_list()
     names = {term.name for term in terms}
     scorers = {}
@@ -240,6 +247,9 @@ def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) 
         scorers["reward_model"] = ModelReward(model_spec, cfg.model.dtype, cfg.model.trust_remote_code, zero, autocast)
     if "http" in names:
         scorers["http"] = HttpReward(http_spec)
+    if "judge" in names:
+        scorers["judge"] = JudgeReward(judge_spec, cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, zero,
+                                       autocast)  # fmt: skip
     accuracy_rule, meaning = rules.accuracy_rule(cfg.data.answer_format)
     return WeightedRewards(terms, rules.accuracy_term, rules.timeout_s, rules.fallback, rules.on_error, scorers,
                            accuracy_rule, meaning)  # fmt: skip

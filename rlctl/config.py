@@ -123,6 +123,18 @@ class RewardTerm:
 
 
 @dataclass
+class JudgeConfig:
+    model_path: str | None = None  # judge term: a causal LM asked whether the reply is right; None = the policy's model.path
+    # judge term: the question, with {prompt} (the last user message), {completion} and {answer}
+    template: str = (
+        "Question: {prompt}\nReply: {completion}\nReference answer: {answer}\n"
+        "Does the reply answer the question correctly? Answer Yes or No."
+    )
+    batch_size: int = 32  # judge term: samples per forward pass
+    max_tokens: int = 1024  # judge term: a longer question keeps its last tokens
+
+
+@dataclass
 class RewardConfig:
     terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])  # weighted sum of these
     fn: str | None = None  # your own reward, "path/to/file.py:function"; replaces `terms` when set
@@ -145,6 +157,7 @@ class RewardConfig:
     url: str | None = None  # http term: reward server; POST {prompts, completions, answers} -> {scores}
     headers: dict[str, str] = field(default_factory=dict)  # http: header -> env variable (+reward.headers.X=VAR)
     retries: int = 2  # http term: further tries after a connection error, a timeout (timeout_s) or a 429/5xx
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # judge term: score P(Yes) / (P(Yes) + P(No)) of a causal LM
 
 
 @dataclass

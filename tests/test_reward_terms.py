@@ -332,3 +332,60 @@ def test_ensemble_mistakes_name_the_key(tiny_rm_folder, tiny_model, tokenizer, t
     tokenizer.save_pretrained(tmp_path / "causal")
     with pytest.raises(RlctlError, match=r"^reward.model_path\[1\]: .* is not a reward model"):
         ModelReward(spec([str(tiny_rm_folder), str(tmp_path / "causal")]), "float32", False)
+
+
+# --- the judge: a causal LM's P(Yes) --------------------------------------------------------------
+
+
+def judge_spec(**changes):
+    from rlctl.rewards.judge import DEFAULT_TEMPLATE, JudgeSpec
+
+    return JudgeSpec(**{"model_path": None, "template": DEFAULT_TEMPLATE, "batch_size": 2, "max_tokens": 1024,
+                        **changes})  # fmt: skip
+
+
+def test_the_judge_scores_p_yes_over_p_yes_plus_p_no_of_its_next_token(tiny_model, tokenizer):
+    from rlctl.rewards.judge import JudgeReward
+
+    judge = JudgeReward(judge_spec(), "random:tiny", "float32", False)
+    completions = ["7", "The answer is 8, I am quite sure of it."]  # two lengths: one batch, left-padded
+    scores = judge([CHAT, CHAT], completions, ["7", "7"])
+    yes, no = (
+        tokenizer("Yes", add_special_tokens=False)["input_ids"],
+        tokenizer("No", add_special_tokens=False)["input_ids"],
+    )
+    assert len(yes) == len(no) == 1 and (judge.yes, judge.no) == (yes[0], no[0])
+    for completion, score in zip(completions, scores):
+        # By hand, one sample at a time: the filled template as a user turn, the assistant's turn opened,
+        # the full softmax at the next position, then P(Yes) / (P(Yes) + P(No)).
+        question = (f"Question: {CHAT[0]['content']}\nReply: {completion}\nReference answer: 7\n"
+                    "Does the reply answer the question correctly? Answer Yes or No.")  # fmt: skip
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            p = torch.softmax(tiny_model(input_ids=ids).logits[0, -1].double(), dim=-1)
+        assert score == pytest.approx(float(p[yes[0]] / (p[yes[0]] + p[no[0]])), abs=1e-5)
+    assert all(0 < s < 1 for s in scores)
+
+
+def test_a_judge_whose_tokenizer_splits_the_verdict_is_refused_in_one_line(tokenizer):
+    from rlctl.rewards.judge import verdict_token
+
+    assert verdict_token(tokenizer, "Yes") == tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    with pytest.raises(
+        RlctlError,
+        match=r"^reward.judge.model_path: the judge's tokenizer writes 'Yesssirreee' after its prompt as \d+ tokens",
+    ):
+        verdict_token(tokenizer, "Yesssirreee")
+
+
+def test_judge_mistakes_name_the_key():
+    from test_architectures import compose_for
+
+    from rlctl.build import reward_settings
+
+    with pytest.raises(RlctlError, match=r"^reward.judge.template: must contain \{completion\}"):
+        reward_settings(compose_for("train", "tiny", "reward=judge", "reward.judge.template=Is it right?").reward)
+    with pytest.raises(RlctlError, match=r"^reward.judge.batch_size: must be ≥ 1, got 0"):
+        reward_settings(compose_for("train", "tiny", "reward=judge", "reward.judge.batch_size=0").reward)

@@ -54,6 +54,6 @@ def test_weighted_sum_and_accuracy_from_the_designated_term():
 def test_unknown_reward_lists_the_known_ones():
     with pytest.raises(
         RlctlError,
-        match=r"unknown reward 'exact'; known: \['exact_number', 'format', 'gsm8k', 'http', 'math_verify', 'reward_model'\]",
+        match=r"unknown reward 'exact'; known: \['exact_number', 'format', 'gsm8k', 'http', 'judge', 'math_verify', 'reward_model'\]",
     ):
         WeightedRewards([Term("exact", 1.0, {})])

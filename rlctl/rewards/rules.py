@@ -164,7 +164,7 @@ StepRewards = list[tuple[int, float]]  # (character offset in the completion, re
 
 # Terms that score a whole batch with a model or a server; build makes them from the reward group's
 # keys (reward.model_path, reward.url, ...) and hands them to WeightedRewards by name.
-SCORERS = ("reward_model", "http")
+SCORERS = ("reward_model", "http", "judge")
 
 
 def term_meaning(name: str) -> str:
