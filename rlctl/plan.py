@@ -340,8 +340,6 @@ def plan_inputs(cfg, settings, shape: ModelShape, rollout_sequences: int) -> Pla
 
     on_gpu = torch.cuda.is_available()
     layout, zero, algo = settings.layout, settings.zero, settings.algo
-    micro_tokens = (max(layout.max_tokens_per_micro_batch, layout.max_prompt_tokens + layout.max_new_tokens)
-                    if layout.max_tokens_per_micro_batch else layout.max_micro_batch_tokens)  # fmt: skip
     engine_bytes = 0
     if settings.sampling.backend == "vllm":
         if on_gpu:
@@ -358,7 +356,7 @@ def plan_inputs(cfg, settings, shape: ModelShape, rollout_sequences: int) -> Pla
         shape=shape, world_size=settings.ranks.world_size, zero_stage=zero.stage if zero.enabled else None,
         offload_optimizer=zero.offload_optimizer, offload_params=zero.offload_params, precision=cfg.engine.precision,
         dtype=cfg.model.dtype, lora_r=settings.lora.r, lora_targets=tuple(settings.lora.target_modules),
-        gradient_checkpointing=cfg.model.gradient_checkpointing, micro_batch_tokens=micro_tokens,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, micro_batch_tokens=layout.largest_micro_batch_tokens,
         chunk_tokens=LOGPROB_CHUNK_TOKENS, needs_reference=algo.needs_reference, needs_critic=algo.needs_values,
         critic_lora_r=cfg.critic.lora.r, trust_region=algo.trust_region, rollout=settings.sampling.backend,
         engine_bytes=engine_bytes, on_gpu=on_gpu, process_bytes=0 if on_gpu else process_bytes(),

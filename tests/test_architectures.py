@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from stage_helpers import gradient_of_update
+from test_vllm import trainer_and_engine_logprobs
 
 from rlctl.build import build_train
 from rlctl.cli import CONF_DIR
@@ -50,20 +51,6 @@ def compose_for(command: str, kind: str, *overrides):
 
 
 # --- the rollout engine ---------------------------------------------------------------------
-
-
-def trainer_and_engine_logprobs(stages, ids: list[int], n_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of ids[n_prompt:] from the trainer's policy and from the vLLM engine's copy."""
-    from vllm import SamplingParams
-
-    with torch.no_grad():
-        full = torch.tensor([ids])
-        trainer = response_logprobs(stages.policy.unwrapped(), full, torch.ones_like(full), len(ids) - n_prompt)[0][0]
-    out = stages.rollout.engine.llm.generate(
-        [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False
-    )[0]
-    engine = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i >= n_prompt])
-    return trainer, engine
 
 
 @pytest.mark.integration

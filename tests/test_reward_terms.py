@@ -338,9 +338,10 @@ def test_ensemble_mistakes_name_the_key(tiny_rm_folder, tiny_model, tokenizer, t
 
 
 def judge_spec(**changes):
-    from rlctl.rewards.judge import DEFAULT_TEMPLATE, JudgeSpec
+    from rlctl.config import JudgeConfig
+    from rlctl.rewards.judge import JudgeSpec
 
-    return JudgeSpec(**{"model_path": None, "template": DEFAULT_TEMPLATE, "batch_size": 2, "max_tokens": 1024,
+    return JudgeSpec(**{"model_path": None, "template": JudgeConfig().template, "batch_size": 2, "max_tokens": 1024,
                         **changes})  # fmt: skip
 
 

@@ -51,7 +51,9 @@ class BatchLayout:
                 "DeepSpeed (it needs a fixed number of equal micro-batches per update)"
             )
         if max_tokens_per_micro_batch < 0:
-            raise RlctlError(f"optim.max_tokens_per_micro_batch: must be ≥ 0 (0 = by rows), got {max_tokens_per_micro_batch}")
+            raise RlctlError(
+                f"optim.max_tokens_per_micro_batch: must be ≥ 0 (0 = by rows), got {max_tokens_per_micro_batch}"
+            )
         if max_prompt_tokens < 1:
             raise RlctlError(f"data.max_prompt_tokens: must be ≥ 1, got {max_prompt_tokens}")
         return cls(prompts_per_step, group_size, world_size, minibatch, micro, num_iterations, max_prompt_tokens,
@@ -78,6 +80,14 @@ class BatchLayout:
     def max_micro_batch_tokens(self) -> int:
         """An upper bound on the tokens of one micro-batch: every row at both length limits."""
         return self.micro_batch_size * (self.max_prompt_tokens + self.max_new_tokens)
+
+    @property
+    def largest_micro_batch_tokens(self) -> int:
+        """The most tokens one micro-batch can hold: by rows, every row at both length limits; under a
+        token budget, the budget (or one row at both limits, which goes alone when it is longer)."""
+        if not self.max_tokens_per_micro_batch:
+            return self.max_micro_batch_tokens
+        return max(self.max_tokens_per_micro_batch, self.max_prompt_tokens + self.max_new_tokens)
 
     def _micro_batches_line(self) -> str:
         n, micro = self.accumulation_steps, self.micro_batch_size
@@ -108,6 +118,6 @@ class BatchLayout:
             if self.share_prompts else "  prompts: run again for every completion (optim.share_prompts=false)",
             f"  largest micro-batch: ≤ {self.max_micro_batch_tokens} tokens ({self.micro_batch_size} × "
             f"({self.max_prompt_tokens} prompt + {self.max_new_tokens} new tokens))" if not self.max_tokens_per_micro_batch
-            else f"  largest micro-batch: ≤ {max(self.max_tokens_per_micro_batch, self.max_prompt_tokens + self.max_new_tokens)} "
+            else f"  largest micro-batch: ≤ {self.largest_micro_batch_tokens} "
             "tokens (a row longer than the budget goes alone)",
         ])  # fmt: skip

@@ -22,12 +22,7 @@ import torch
 
 from rlctl import models
 from rlctl.errors import RlctlError, check_fields
-
-DEFAULT_TEMPLATE = (
-    "Question: {prompt}\nReply: {completion}\nReference answer: {answer}\n"
-    "Does the reply answer the question correctly? Answer Yes or No."
-)
-PLACEHOLDERS = ("{prompt}", "{completion}", "{answer}")
+from rlctl.rollout.hf import left_pad
 
 
 @dataclass(frozen=True)
@@ -44,10 +39,6 @@ class JudgeSpec:
                   ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
                   ("max_tokens", self.max_tokens >= 8, "must be ≥ 8"))  # fmt: skip
         check_fields(self, checks)
-
-    @property
-    def reads_answer(self) -> bool:
-        return "{answer}" in self.template
 
 
 def judge_prompt_ids(tokenizer, question: str) -> list[int]:
@@ -107,13 +98,8 @@ class JudgeReward:
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(rows), self.spec.batch_size):
-            chunk = rows[start : start + self.spec.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, row in enumerate(chunk):  # left-padded: every row's next position is the last column
-                ids[i, width - len(row) :] = torch.tensor(row)
-                mask[i, width - len(row) :] = 1
+            # left-padded: every row's next position is the last column
+            ids, mask = left_pad(rows[start : start + self.spec.batch_size], self.tokenizer.pad_token_id)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             with self.autocast():
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
