@@ -49,7 +49,7 @@ from rlctl.rewards import WeightedRewards
 from rlctl.rewards.http import HttpReward, HttpRewardSpec
 from rlctl.rewards.judge import JudgeReward, JudgeSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
-from rlctl.rewards.rules import RewardSpec, load_user_reward
+from rlctl.rewards.rules import SCORERS, RewardSpec, Term, load_user_reward, resolve_rule
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
 from rlctl.rollout.vllm import VLLMSpec
 from rlctl.stages import Stages
@@ -152,6 +152,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         )
     if algo.trust_region and cfg.engine.precision == "fp16":
         raise RlctlError("engine.precision: the trust-region step (algo=trpo) runs in fp32 (no) or bf16, not fp16")
+    check_gold(cfg)
     models.check_path(cfg.model.path, "model.path")
     if algo.needs_values and critic.path is not None:
         models.check_path(critic.path, "critic.path")
@@ -159,7 +160,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         algo=algo, optim=replace(optim, total_updates=cfg.steps * layout.updates_per_step), critic=critic,
         zero=zero, sampling=sampling, vllm=vllm, correction=correction, source=source, prompt_format=prompt_format,
         eval=fill("eval", cfg.eval, EvalSpec), log=fill("logger", cfg.logger, LogSpec),
-        checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy), layout=layout, ranks=ranks,
+        checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy, KeepBest)[0], layout=layout, ranks=ranks,
         lora=fill("model.lora", cfg.model.lora, LoraSpec),
     )  # fmt: skip
 
@@ -176,6 +177,12 @@ def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
         found.append(
             f"eval.n_samples={cfg.eval.n_samples} at eval.temperature=0: greedy decoding gives the same completion "
             "every time, so pass@k equals pass@1; set eval.temperature (e.g. 1.0)"
+        )
+    trained = {t.name: t.weight for t in reward_settings(cfg.reward)[0].term_list()} if "reward" in cfg else {}
+    if cfg.eval.get("gold") is not None and trained.get(cfg.eval.gold, 0) != 0:
+        found.append(
+            f"eval.gold={cfg.eval.gold} is a term of the trained reward itself (weight {trained[cfg.eval.gold]:g}): "
+            "the gold curve would only repeat the trained one; pick a reward the policy is not trained on"
         )
     if training and cfg.rollout.temperature == 0 and cfg.algo.group_size > 1:
         found.append(
@@ -201,6 +208,14 @@ def data_warnings(layout: BatchLayout, train_prompts: int) -> list[str]:
                 f"there are {train_prompts} training prompts: every step repeats prompts (lower prompts_per_step, or "
                 "add data)"]  # fmt: skip
     return []
+
+
+KEEP_BEST = ("none", "gold", "reward")
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    keep_best: str  # none | gold | reward (checked by check_gold)
 
 
 @dataclass(frozen=True)
@@ -237,22 +252,65 @@ def check_reward_functions(reward: DictConfig) -> None:
     rules.accuracy_rule()
 
 
+def make_scorers(cfg: DictConfig, names: set[str], zero: ZeroSpec | None, autocast, have: dict | None = None) -> dict:
+    """The batch scorers (a reward model, a server, a judge) that ``names`` ask for, from the reward
+    group's keys; those in ``have`` (already built for another reward) are shared, not loaded twice."""
+    _, model_spec, http_spec, judge_spec = reward_settings(cfg.reward)
+    have = have or {}
+    makers = {
+        "reward_model": lambda: ModelReward(model_spec, cfg.model.dtype, cfg.model.trust_remote_code, zero, autocast),
+        "http": lambda: HttpReward(http_spec),
+        "judge": lambda: JudgeReward(judge_spec, cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, zero,
+                                     autocast),
+    }  # fmt: skip
+    return {name: have[name] if name in have else make() for name, make in makers.items() if name in names}
+
+
 def build_rewards(cfg: DictConfig, zero: ZeroSpec | None = None, autocast=None) -> WeightedRewards:
     """The reward stage: rule terms, and the scorers the terms name (a reward model, a server)."""
-    rules, model_spec, http_spec, judge_spec = reward_settings(cfg.reward)
+    rules = reward_settings(cfg.reward)[0]
     terms = rules.term_list()
-    names = {term.name for term in terms}
-    scorers = {}
-    if "reward_model" in names:
-        scorers["reward_model"] = ModelReward(model_spec, cfg.model.dtype, cfg.model.trust_remote_code, zero, autocast)
-    if "http" in names:
-        scorers["http"] = HttpReward(http_spec)
-    if "judge" in names:
-        scorers["judge"] = JudgeReward(judge_spec, cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, zero,
-                                       autocast)  # fmt: skip
+    scorers = make_scorers(cfg, {term.name for term in terms}, zero, autocast)
     accuracy_rule, meaning = rules.accuracy_rule(cfg.data.answer_format)
     return WeightedRewards(terms, rules.accuracy_term, rules.timeout_s, rules.fallback, rules.on_error, scorers,
                            accuracy_rule, meaning)  # fmt: skip
+
+
+def check_gold(cfg: DictConfig) -> None:
+    """``eval.gold`` names a reward the reward stage can build (before any model loads), and
+    ``checkpoint.keep_best`` has what it ranks by; one line naming the key otherwise."""
+    gold = cfg.eval.gold
+    if gold is not None:
+        if gold in SCORERS:
+            key = {"reward_model": ("reward.model_path", cfg.reward.model_path), "http": ("reward.url", cfg.reward.url)}
+            needed = key.get(gold)
+            if needed is not None and not needed[1]:
+                raise RlctlError(f"eval.gold: {gold} is scored with {needed[0]}, which is not set; set {needed[0]}=...")
+        else:
+            try:
+                resolve_rule(gold)
+            except RlctlError as err:
+                raise RlctlError(f"eval.gold: {str(err).split(': ', 1)[1]}") from None
+    keep_best = cfg.checkpoint.get("keep_best", "none")
+    if keep_best not in KEEP_BEST:
+        raise RlctlError(f"checkpoint.keep_best: must be one of {list(KEEP_BEST)}, got {keep_best!r}")
+    if keep_best != "none" and not cfg.eval.enabled:
+        raise RlctlError(f"checkpoint.keep_best={keep_best}: the best is picked by held-out evaluation, which "
+                         "eval.enabled=false turns off")  # fmt: skip
+    if keep_best == "gold" and gold is None:
+        raise RlctlError("checkpoint.keep_best=gold: there is no gold reward; name one with eval.gold (e.g. "
+                         "eval.gold=exact_number), or keep the best by the trained reward: checkpoint.keep_best=reward")  # fmt: skip
+
+
+def build_gold(cfg: DictConfig, rewards: WeightedRewards, zero: ZeroSpec | None = None, autocast=None):
+    """``eval.gold`` as a one-term reward (its scorer shared with the trained reward's when both use it), or None."""
+    name = cfg.eval.gold
+    if name is None:
+        return None
+    rules = reward_settings(cfg.reward)[0]
+    have = {term.name: fn for term, fn in zip(rewards.terms, rewards.functions) if term.name in SCORERS}
+    scorers = make_scorers(cfg, {name}, zero, autocast, have)
+    return WeightedRewards([Term(name, 1.0, {})], 0, rules.timeout_s, rules.fallback, "fallback", scorers)
 
 
 # Reward terms that never read the reference answer: prompt-only data is enough for them.
@@ -360,13 +418,17 @@ def build_rollout(
     return VLLMRollout(tokenizer, sampling, engine)
 
 
-def build_evaluator(cfg: DictConfig, held_out: PromptSet, rewards, rollout) -> Evaluator | None:
-    """The held-out evaluation, sampling through ``rollout``'s backend (its engine shared) with eval's settings."""
+def build_evaluator(
+    cfg: DictConfig, held_out: PromptSet, rewards, rollout, zero=None, autocast=None
+) -> Evaluator | None:
+    """The held-out evaluation, sampling through ``rollout``'s backend (its engine shared) with eval's
+    settings, scored by the trained reward and the gold one (eval.gold)."""
     spec = fill("eval", cfg.eval, EvalSpec)
     if not spec.enabled or len(held_out) == 0:
         return None
     params = replace(rollout.params, temperature=spec.temperature, batch_size=spec.batch_size)
-    return Evaluator(held_out, rollout.with_params(params), rewards, spec.n_samples, list(spec.pass_k))
+    return Evaluator(held_out, rollout.with_params(params), rewards, spec.n_samples, list(spec.pass_k),
+                     build_gold(cfg, rewards, zero, autocast))  # fmt: skip
 
 
 def build_inference(cfg: DictConfig):
@@ -596,7 +658,8 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         algo=algo, layout=layout, sampling=settings.sampling, correction=settings.correction,
         train_prompts=train_prompts,
         sampler=PromptSampler(len(train_prompts), layout.prompts_per_step * ranks.world_size, cfg.data.seed),
-        evaluator=build_evaluator(cfg, held_out, rewards, rollout), logger=logger,
+        evaluator=build_evaluator(cfg, held_out, rewards, rollout, zero if zero.enabled else None, policy.autocast),
+        logger=logger, keep_best=cfg.checkpoint.keep_best, gold_patience=settings.eval.gold_patience,
         checkpoints=settings.checkpoints, run_dir=run_dir, steps=cfg.steps, save_final=cfg.save_final,
         critic_warmup_steps=settings.critic.warmup_steps, max_failed_reward_steps=cfg.reward.max_failed_steps,
         eval_every=settings.eval.every,

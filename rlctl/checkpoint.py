@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class TrainState:
     consecutive_skips: int = 0
     consecutive_reward_failures: int = 0  # steps in a row where a reward term failed on every sample
     eval_before: dict | None = None
+    evaluations: list = field(default_factory=list)  # [{"step", "reward", "gold"}]: every held-out evaluation's means
+    gold_warned: bool = False  # the over-optimisation warning was given (once a run)
+    best: dict | None = None  # checkpoints/best: {"step", "by", "value", "reward_mean", "gold_mean"}
 
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -189,6 +192,15 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "trainer_state.json").read_text())
 
 
+def amend_trainer_state(folder: Path, changes: dict[str, Any]) -> None:
+    """Replace some values of a complete checkpoint's loop state, atomically (what the last step's
+    final evaluation decided, which comes after that checkpoint was written). Main rank only."""
+    file = Path(folder) / "trainer_state.json"
+    tmp = file.with_name("trainer_state.json.tmp")
+    tmp.write_text(json.dumps({**read_trainer_state(folder), **changes}))
+    os.replace(tmp, file)
+
+
 # --- the training run's checkpoints (every rank takes part) ------------------------------------
 
 
@@ -213,11 +225,11 @@ def write_checkpoint(
     return path
 
 
-def export_model(run_dir: Path, engine, tokenizer, ranks) -> Path:
-    """``RUN/checkpoints/final``: the engine's model and the tokenizer as an HF folder (weights
-    gathered under ZeRO-3), written atomically. Every rank calls."""
-    final = run_dir / "checkpoints" / "final"
-    tmp = final.with_name("final.tmp")
+def export_model(run_dir: Path, engine, tokenizer, ranks, name: str = "final") -> Path:
+    """``RUN/checkpoints/final`` (or ``name``): the engine's model and the tokenizer as an HF folder
+    (weights gathered under ZeRO-3), written atomically. Every rank calls."""
+    final = run_dir / "checkpoints" / name
+    tmp = final.with_name(f"{name}.tmp")
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()

@@ -116,10 +116,12 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
         summary = train(stages)
         final = run_dir / "checkpoints" / "final"
         if stages.ranks.is_main:
+            config = OmegaConf.to_container(cfg, resolve=True)
             if final.is_dir():
-                (final / "README.md").write_text(
-                    model_card(run_dir, OmegaConf.to_container(cfg, resolve=True), command)
-                )
+                (final / "README.md").write_text(model_card(run_dir, config, command))
+            best = run_dir / "checkpoints" / "best" / "best.json"
+            if best.is_file():
+                (best.parent / "README.md").write_text(model_card(run_dir, config, command, json.loads(best.read_text())))
             stages.logger.message(f"curves: {plot_run(run_dir)}")
         return summary
     finally:
@@ -148,9 +150,11 @@ def run_offline(cfg, command: str) -> dict:
         if run.ranks.is_main:
             if final.is_dir():
                 (final / "README.md").write_text(card(run_dir, OmegaConf.to_container(cfg, resolve=True), line))
+                for name, text in getattr(run.objective, "final_files", dict)().items():  # e.g. a judge's template
+                    (final / name).write_text(text)
             run.logger.message(f"curves: {plot_run(run_dir)}")
             if final.is_dir():
-                run.logger.message(f"next: {use.format(final=final)}")
+                run.logger.message(f"next: {getattr(run.objective, 'next_command', use).format(final=final)}")
         return summary
     finally:
         run.logger.close()
@@ -311,6 +315,25 @@ def _latest_if_unfinished(cfg, run: Path) -> None:
                       f"checkpoint, {latest.name}", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
 
 
+def _say_which_checkpoint(cfg, run: Path, command: str) -> None:
+    """One line: which of a run's policies this command loads (the final one or checkpoints/best), and
+    where the other is."""
+    best_file = run / "checkpoints" / "best" / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.is_file() else None
+    given = Path(cfg.model.path).expanduser().resolve()
+    if best is not None and given == best_file.parent.resolve():
+        line = (f"{command}: {given}, the policy of step {best['step']}, the best by held-out {best['by']} "
+                f"({best['value']:.3f}); the end of training is in {run}/checkpoints/final")  # fmt: skip
+    elif given in (run.resolve(), (run / "checkpoints" / "final").resolve()):
+        line = f"{command}: {run}/checkpoints/final, the policy at the end of training"
+        if best is not None:
+            line += (f"; the best by held-out {best['by']} ({best['value']:.3f}) was step {best['step']}: "
+                     f"model.path={run}/checkpoints/best")  # fmt: skip
+    else:
+        return
+    err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 def _merged_adapter(cfg, base) -> None:
     """`model.path=RUN/checkpoints/step-N/policy` of a LoRA run holds the adapter alone: the run's base
     model (``base``, the run's model group) with that adapter merged, in a temporary folder for this command."""
@@ -347,6 +370,7 @@ def _with_run_settings(cfg, command: str, recipe_base):
         if command != "train":
             _latest_if_unfinished(cfg, run)
             _merged_adapter(cfg, config["model"])
+            _say_which_checkpoint(cfg, run, command)
         if command == "train" and "examples_per_step" not in config:  # only an SFT model was taught a format
             return cfg
         data_on_line = any(o.startswith(("data=", "data.path=")) for o in _overrides())

@@ -125,11 +125,9 @@ class RewardTerm:
 @dataclass
 class JudgeConfig:
     model_path: str | None = None  # judge term: a causal LM asked whether the reply is right; None = the policy's model.path
-    # judge term: the question, with {prompt} (the last user message), {completion} and {answer}
-    template: str = (
-        "Question: {prompt}\nReply: {completion}\nReference answer: {answer}\n"
-        "Does the reply answer the question correctly? Answer Yes or No."
-    )
+    # judge term: the question, with {prompt} (the last user message), {completion} and {answer}; None: the one the
+    # judge was trained with (rlctl rm head=judge), else "Question … Reply … Reference answer … correctly? Answer Yes or No."
+    template: str | None = None
     batch_size: int = 32  # judge term: samples per forward pass
     max_tokens: int = 1024  # judge term: a longer question keeps its last tokens
 
@@ -222,6 +220,11 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     pass_k: list[int] = field(default_factory=lambda: [1])  # report pass@k for each k ≤ n_samples
     batch_size: int = 64  # prompts per generation call
+    # a second reward scored on held-out answers only, never trained on (over-optimisation shows as the trained reward
+    # rising while this one does not): a rule (exact_number, gsm8k, math_verify), reward_model, http or judge (set up
+    # by the reward group's keys), or path/to/file.py:function; None = off
+    gold: str | None = None
+    gold_patience: int = 2  # warn once when the trained reward rose and the gold did not for this many evaluations in a row
 
 
 @dataclass
@@ -229,6 +232,13 @@ class CheckpointConfig:
     every: int = 10  # save a resumable checkpoint every N steps, and always at the end (0 = only at the end)
     keep_last: int = 2  # resumable checkpoints kept; older ones are deleted once a newer one is complete
     max_consecutive_skips: int = 3  # stop after this many steps in a row whose update was skipped (non-finite)
+
+
+@dataclass
+class TrainCheckpointConfig(CheckpointConfig):
+    # none | gold | reward: also keep the policy of the evaluation with the best held-out eval.gold (or trained) reward
+    # as checkpoints/best, exported like final
+    keep_best: str = "none"
 
 
 @dataclass
@@ -254,7 +264,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: TrainCheckpointConfig = field(default_factory=TrainCheckpointConfig)
     resume: str = (
         "auto"  # auto (newest checkpoint in this run folder, if any) | never | PATH (a checkpoint or run folder)
     )
@@ -332,6 +342,11 @@ class RMConfig:
     steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
     margin: float = 0.0  # added to every pair's own margin: loss = −log σ(r_chosen − r_rejected − margin)
     center_rewards_coefficient: float = 0.0  # c of the added c·mean((r_chosen + r_rejected)²), keeping scores near 0 (TRL's); 0 = off
+    # scalar: a one-label head trained by Bradley-Terry (reward=model) | judge: the causal LM taught to answer "Yes" for
+    # the chosen reply and "No" for the rejected one under judge_template (reward=judge)
+    head: str = "scalar"
+    # head=judge: the question about one reply, with {prompt} (the last user message) and {completion}
+    judge_template: str = "Question: {prompt}\nReply: {completion}\nDoes the reply answer the question correctly? Answer Yes or No."
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end
 
 

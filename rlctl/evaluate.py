@@ -1,4 +1,5 @@
-"""Held-out evaluation: accuracy, mean reward and pass@k over n samples per prompt."""
+"""Held-out evaluation: accuracy, mean reward and pass@k over n samples per prompt, and the gold
+reward beside the trained one (``eval.gold``), watched for over-optimisation."""
 
 from __future__ import annotations
 
@@ -35,11 +36,14 @@ class EvalSpec:
     temperature: float  # 0 = greedy
     pass_k: list[int]  # report pass@k for each k
     batch_size: int  # prompts per generation call
+    gold: str | None  # a reward scored on held-out answers only (a term name or file.py:function)
+    gold_patience: int  # evaluations in a row with the trained reward up and the gold not, before the warning
 
     def __post_init__(self) -> None:
         checks = (("every", self.every >= 0, "must be ≥ 0"), ("n_samples", self.n_samples >= 1, "must be ≥ 1"),
                   ("temperature", self.temperature >= 0, "must be ≥ 0 (0 = greedy)"),
-                  ("batch_size", self.batch_size >= 1, "must be ≥ 1"))  # fmt: skip
+                  ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
+                  ("gold_patience", self.gold_patience >= 1, "must be ≥ 1"))  # fmt: skip
         check_fields(self, checks)
         bad = [k for k in self.pass_k if not 1 <= k <= self.n_samples]
         if bad:
@@ -64,12 +68,15 @@ class Evaluator:
         rewards: WeightedRewards,
         n_samples: int,
         pass_k: list[int],
+        gold: WeightedRewards | None = None,
     ):
         bad = [k for k in pass_k if not 1 <= k <= n_samples]
         if bad:
             raise RlctlError(f"eval.pass_k: every k must be between 1 and eval.n_samples={n_samples}, got {bad}")
         self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
         self.n_samples, self.pass_k = n_samples, pass_k
+        self.gold = gold  # eval.gold: one term, scored beside the trained reward and never trained on
+        self.gold_name = gold.terms[0].name if gold is not None else ""
         self.last_failures = ""  # the reward failures of the last call, in words ("" when none)
 
     def __call__(self, policy) -> dict[str, float]:
@@ -103,6 +110,15 @@ class Evaluator:
             metrics[f"pass@{k}"] = float(
                 torch.tensor([pass_at_k(self.n_samples, c, k) for c in correct_per_prompt]).mean()
             )
+        if self.gold is not None:
+            with self.gold.evaluating():
+                gold = self.gold(batch.completions, batch.answers, chats)
+            if gold.fully_failed() is not None:
+                raise HeldOutRewardFailed(f"eval.gold={self.gold_name!r} failed on every one of the "
+                                          f"{len(batch.completions)} held-out samples: {next(iter(gold.failures.values()))[1]}")  # fmt: skip
+            note = failure_note(gold.failures, len(batch.completions))
+            self.last_failures = "; ".join(x for x in (self.last_failures, note and f"eval.gold: {note}") if x)
+            metrics["gold_mean"] = float(gold.scores.mean())
         return metrics
 
 
@@ -125,9 +141,30 @@ def evaluate_and_log(evaluator: Evaluator | None, policy, logger, step: int, lab
     meaning = getattr(getattr(evaluator, "rewards", None), "accuracy_meaning", "")
     logger.message(
         f"[bold]eval {label}:[/bold] accuracy {results['accuracy']:.3f}  reward {results['reward_mean']:.3f}  "
-        f"({results['n_prompts']} held-out prompts, {results['time_s']:.1f}s)"
+        + (f"gold {escape(evaluator.gold_name)} {results['gold_mean']:.3f}  " if "gold_mean" in results else "")
+        + f"({results['n_prompts']} held-out prompts, {results['time_s']:.1f}s)"
         + (f"\n[yellow]  {escape(failures)}[/yellow]" if failures else "")
     )
     if step == 0 and meaning:
         logger.message(f"  accuracy counts an answer as correct when {escape(meaning)}")
     return results
+
+
+def overoptimisation_warning(evaluations: list[dict], patience: int, gold_name: str) -> str | None:
+    """One line when the last ``patience`` evaluations each saw the trained reward rise and the gold
+    reward not rise (fall or stay) since the evaluation before, with the gold lower or equal overall,
+    else None. ``evaluations``: [{"step", "reward", "gold"}] in order (held-out means; gold None = off)."""
+    scored = [e for e in evaluations if e.get("gold") is not None]
+    if len(scored) < patience + 1:
+        return None
+    window = scored[-(patience + 1) :]
+    pairs = list(zip(window, window[1:]))
+    if not all(after["reward"] > before["reward"] and after["gold"] <= before["gold"] for before, after in pairs):
+        return None
+    start, end = window[0], window[-1]
+    return (
+        f"the trained reward rose and the gold reward ({gold_name}) did not for {patience} evaluations in a row since "
+        f"step {start['step']}: reward {start['reward']:.3f} → {end['reward']:.3f} ({end['reward'] - start['reward']:+.3f}), "
+        f"gold {start['gold']:.3f} → {end['gold']:.3f} ({end['gold'] - start['gold']:+.3f}); the policy may be "
+        "fooling its reward (over-optimisation): look at its samples; checkpoint.keep_best=gold keeps the best policy by gold"
+    )

@@ -21,7 +21,7 @@ from rich.text import Text
 from rlctl.errors import RlctlError, check_fields
 
 SUMMARY_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("kl", "kl"), ("loss/policy", "loss"),
-                ("response_len/mean", "len"), ("loss/rm", "loss"), ("rm/accuracy", "acc"),
+                ("response_len/mean", "len"), ("loss/rm", "loss"), ("loss/judge", "loss"), ("rm/accuracy", "acc"),
                 ("rm/margin", "margin"), ("loss/sft", "loss"), ("loss/dpo", "loss"), ("dpo/accuracy", "acc"),
                 ("dpo/reward_margin", "margin"))  # fmt: skip
 

@@ -16,19 +16,22 @@ CURVES = (("reward/mean", "reward"), ("accuracy", "accuracy (train samples)"), (
 # `rlctl rm` runs: what each panel shows, and the held-out key drawn on the accuracy panel.
 RM_CURVES = (("loss/rm", "Bradley-Terry loss"), ("rm/accuracy", "pairwise accuracy (train pairs)"),
              ("rm/margin", "r_chosen − r_rejected"), ("grad_norm", "gradient norm"))  # fmt: skip
+JUDGE_CURVES = (("loss/judge", "cross-entropy of the Yes/No answer"), ("rm/accuracy", "pairwise accuracy (train pairs)"),
+                ("rm/margin", "P(Yes | chosen) − P(Yes | rejected)"), ("judge/p_yes_chosen", "P(Yes | chosen)"))  # fmt: skip
 SFT_CURVES = (("loss/sft", "token NLL of the completions"), ("grad_norm", "gradient norm"), ("lr", "learning rate"),
               ("time/step_s", "seconds per step"))  # fmt: skip
 DPO_CURVES = (("loss/dpo", "preference loss"), ("dpo/accuracy", "preference accuracy (train pairs)"),
               ("dpo/reward_margin", "implicit reward margin"), ("dpo/reward_chosen", "implicit reward of chosen"))  # fmt: skip
 # The step key a command's metrics rows hold -> (its panels, the panel the held-out results join, their key).
 PANELS = {"reward/mean": (CURVES, "accuracy", "accuracy"), "loss/rm": (RM_CURVES, "rm/accuracy", "pairwise_accuracy"),
+          "loss/judge": (JUDGE_CURVES, "rm/accuracy", "pairwise_accuracy"),
           "loss/sft": (SFT_CURVES, "loss/sft", "loss"), "loss/dpo": (DPO_CURVES, "dpo/accuracy", "preference_accuracy")}  # fmt: skip
 STEP_KEYS = tuple(PANELS)  # a metrics row holding one of these is a training step
 SWEEP_COLUMNS = ("reward/mean", "accuracy", "kl", "response_len/mean")
 # Per command: the last step's metrics a sweep table shows, and the held-out result of eval.json it compares.
 SWEEP_OF = {"train": (SWEEP_COLUMNS, "accuracy"), "sft": (("loss/sft", "sft/token_nll"), "loss"),
             "dpo": (("loss/dpo", "dpo/accuracy", "dpo/reward_margin"), "preference_accuracy"),
-            "rm": (("loss/rm", "rm/accuracy"), "pairwise_accuracy")}  # fmt: skip
+            "rm": (("loss/rm", "loss/judge", "rm/accuracy"), "pairwise_accuracy")}  # fmt: skip
 SHORT_NAMES = {"reward/mean": "reward", "accuracy": "acc", "response_len/mean": "len", "eval before": "before",
                "eval after": "after"}  # fmt: skip
 
@@ -52,12 +55,37 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    """The held-out evaluations of metrics.jsonl by step, before training (step 0) included."""
+    evals: dict[int, dict[str, Any]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if any(key.startswith("eval/") for key in row) and not any(key in row for key in STEP_KEYS):
+            evals.setdefault(row["step"], {}).update(row)
+    return [evals[step] for step in sorted(evals)]
+
+
+def plot_gold(ax, evaluations: list[dict[str, Any]], gold_name: str) -> None:
+    """The over-optimisation panel: the trained reward (left axis) and the gold reward (right axis) on held-out prompts."""
+    points = [(e["step"], e["eval/reward_mean"], e["eval/gold_mean"]) for e in evaluations if "eval/gold_mean" in e]
+    steps, trained, gold = zip(*points)
+    ax.plot(steps, trained, marker="o", color="tab:blue", label="trained reward")
+    ax.set_ylabel("trained reward", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(steps, gold, marker="s", color="tab:red", label=f"gold ({gold_name})")
+    twin.set_ylabel(f"gold: {gold_name}", color="tab:red")
+    ax.set_title("held-out: the trained reward and the gold reward (over-optimisation shows as a gap opening)")
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("step")
+
+
 def plot_run(run_dir: Path) -> Path:
     """Write ``RUN/curves.png``: reward, accuracy (train and held-out), KL and response length by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     rows = read_metrics(run_dir)
     if not rows:
@@ -71,7 +99,11 @@ def plot_run(run_dir: Path) -> Path:
             evals.insert(0, (0, both["before"][held_out_key]))
         if (both.get("after") or {}).get(held_out_key) is not None:
             evals.append((rows[-1]["step"], both["after"][held_out_key]))
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    evaluations = read_evaluations(run_dir)
+    gold = any("eval/gold_mean" in e for e in evaluations)
+    figure = plt.figure(figsize=(10, 10.5 if gold else 7))
+    grid = figure.add_gridspec(3 if gold else 2, 2)
+    axes = np.array([[figure.add_subplot(grid[row, col]) for col in range(2)] for row in range(2)])
     for ax, (key, title) in zip(axes.flat, curves):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
@@ -85,6 +117,14 @@ def plot_run(run_dir: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("step")
+    if gold:
+        config_file = Path(run_dir) / "config.yaml"
+        name = "gold"
+        if config_file.exists():
+            import yaml
+
+            name = (yaml.safe_load(config_file.read_text()).get("eval") or {}).get("gold") or name
+        plot_gold(figure.add_subplot(grid[2, :]), evaluations, name)
     figure.suptitle(Path(run_dir).name)
     figure.tight_layout()
     out = Path(run_dir) / "curves.png"
@@ -105,12 +145,20 @@ def _reward_terms(reward: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
-    """README.md text for the final checkpoint: base model, algorithm, data, results, how to reproduce."""
+def model_card(run_dir: Path, config: dict[str, Any], command: str, best: dict | None = None) -> str:
+    """README.md text for the final checkpoint (or, given its ``best.json``, for checkpoints/best):
+    base model, algorithm, data, results, how to reproduce."""
     rows = read_metrics(run_dir)
     eval_file = Path(run_dir) / "eval.json"
     evaluation = json.loads(eval_file.read_text()) if eval_file.exists() else {}
     last = rows[-1] if rows else {}
+    best_line = []
+    if evaluation.get("best"):
+        b = evaluation["best"]
+        gold = f", gold ({config['eval'].get('gold')}) {b['gold_mean']:.3f}" if b.get("gold_mean") is not None else ""
+        where = "This folder holds" if best is not None else "`checkpoints/best` holds"
+        best_line = [f"- {where} the policy of step {b['step']}, the best by held-out {b['by']}: trained reward "
+                     f"{b['reward_mean']:.3f}{gold}"]  # fmt: skip
     lines = [
         "---", "library_name: transformers", "tags: [rlctl, reinforcement-learning]",
         f"base_model: {config['model']['path']}", "---", "",
@@ -121,12 +169,13 @@ def model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
         f"- data: `{config['data']['source']}`" + (f" from `{config['data']['path']}`" if config["data"].get("path") else ""),
         f"- reward: {_reward_terms(config['reward'])}",
         f"- steps: {last.get('step', 0)} × {config['prompts_per_step']} prompts × {config['algo']['group_size']} completions",
-        "", "## Results", "",
+        *best_line, "", "## Results", "",
     ]  # fmt: skip
     if all("accuracy" in (evaluation.get(k) or {}) for k in ("before", "after")):
         lines += ["| held-out | before | after |", "|---|---|---|"]
-        for key in ("accuracy", "reward_mean"):
-            lines.append(f"| {key} | {evaluation['before'][key]:.3f} | {evaluation['after'][key]:.3f} |")
+        for key in ("accuracy", "reward_mean", "gold_mean"):
+            if key in evaluation["before"] and key in evaluation["after"]:
+                lines.append(f"| {key} | {evaluation['before'][key]:.3f} | {evaluation['after'][key]:.3f} |")
     if last:
         lines += ["", "Last training step: " + ", ".join(f"{k} {last[k]:.4g}" for k in SWEEP_COLUMNS if k in last)]
     lines += ["", "## Reproduce", "", "```", command, "```", ""]
@@ -139,12 +188,22 @@ def rm_model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
     evaluation = json.loads(eval_file.read_text()) if eval_file.exists() else {}
     rows = read_metrics(run_dir)
     data = config["data"]
+    judge = config.get("head") == "judge"
+    what = (("A judge: this causal LM, asked `judge_template` about one reply, answers \"Yes\" for a good reply and "
+             "\"No\" for a bad one; its score is P(Yes) / (P(Yes) + P(No)). Trained on preference pairs (Yes for "
+             f"the chosen reply, No for the rejected one) under the template:\n\n    {config['judge_template']!r}")
+            if judge else
+            ("A one-label sequence classifier: the score of a whole conversation (prompt + reply, in the chat "
+             "template of this folder's tokenizer), trained with the Bradley-Terry loss on preference pairs."))  # fmt: skip
+    use = (
+        "rlctl train reward=judge reward.judge.model_path=THIS_FOLDER"
+        if judge
+        else "rlctl train reward=model reward.model_path=THIS_FOLDER"
+    )
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-classification", "tags: [rlctl, reward-model]",
-        f"base_model: {config['model']['path']}", "---", "",
-        f"# A reward model from {config['model']['name']}, trained by rlctl", "",
-        "A one-label sequence classifier: the score of a whole conversation (prompt + reply, in the chat "
-        "template of this folder's tokenizer), trained with the Bradley-Terry loss on preference pairs.", "",
+        "---", "library_name: transformers", f"pipeline_tag: {'text-generation' if judge else 'text-classification'}",
+        f"tags: [rlctl, {'judge' if judge else 'reward-model'}]", f"base_model: {config['model']['path']}", "---", "",
+        f"# A {'judge' if judge else 'reward model'} from {config['model']['name']}, trained by rlctl", "", what, "",
         f"- base model: `{config['model']['path']}`",
         f"- data: `{data['source']}`" + (f" from `{data['path']}`" if data.get("path") else ""),
         f"- steps: {rows[-1]['step'] if rows else 0} × {config['pairs_per_step']} pairs",
@@ -152,10 +211,10 @@ def rm_model_card(run_dir: Path, config: dict[str, Any], command: str) -> str:
     ]  # fmt: skip
     if evaluation.get("before") and evaluation.get("after"):
         lines += ["| held-out pairs | before | after |", "|---|---|---|"]
-        for key in ("pairwise_accuracy", "margin_mean"):
+        for key in [k for k in evaluation["after"] if k.startswith("pairwise_accuracy")] + ["margin_mean"]:
             lines.append(f"| {key} | {evaluation['before'][key]:.3f} | {evaluation['after'][key]:.3f} |")
-    lines += ["", "## Use", "", "```", "rlctl train reward=model reward.model_path=THIS_FOLDER", "```", "",
-              "or `AutoModelForSequenceClassification.from_pretrained(THIS_FOLDER)`.", "",
+    loads = "AutoModelForCausalLM" if judge else "AutoModelForSequenceClassification"
+    lines += ["", "## Use", "", "```", use, "```", "", f"or `{loads}.from_pretrained(THIS_FOLDER)`.", "",
               "## Reproduce", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
 

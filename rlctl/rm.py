@@ -1,4 +1,4 @@
-"""`rlctl rm`: a reward model learned from preference pairs (Bradley-Terry).
+"""`rlctl rm`: a reward model learned from preference pairs (Bradley-Terry), or a judge (``head=judge``).
 
 The model is ``AutoModelForSequenceClassification`` with one label, started from a causal LM
 (``model.path``): its body, and a new scalar head reading the last token. A step is one optimiser
@@ -10,6 +10,11 @@ evaluation of ``rlctl train``. The loss of a minibatch of N pairs (over all rank
 with m_i the pair's margin (its row's ``margin`` plus ``margin`` of the config, 0 by default).
 ``center_rewards_coefficient`` c > 0 adds c·(1/N) Σ_i (r_c,i + r_r,i)², which keeps the scores near
 zero (Bradley-Terry sees only their differences, so their level drifts otherwise).
+
+``head=judge`` keeps the causal LM whole and teaches it to answer a question about one reply
+(``judge_template``): "Yes" for the chosen reply, "No" for the rejected one (``judge_loss``). Its
+score of a reply is then σ(z_Yes − z_No), read by ``reward=judge``; a held-out pair counts as right
+when the chosen reply's score is the higher.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlctl import models
-from rlctl.algos.preference import bradley_terry_loss
+from rlctl.algos.preference import bradley_terry_loss, judge_loss
 from rlctl.checkpoint import CheckpointPolicy
 from rlctl.config import fill
 from rlctl.data import PromptSampler
@@ -38,7 +43,16 @@ from rlctl.offline import (
     say_when_nothing_is_held_out,
     start_training,
 )
+from rlctl.rewards.judge import (
+    TRAINED_JUDGE_FILE,
+    fill_template,
+    judge_prompt_ids,
+    verdict_logits,
+    verdict_token,
+)
 from rlctl.rewards.model import right_pad, sequence_scores
+
+HEADS = ("scalar", "judge")
 
 
 @dataclass(frozen=True)
@@ -122,16 +136,100 @@ class RewardModelObjective:
             chosen, rejected = pair_scores(engine.model, pair_batch(self.held_out, index, 0.0), self.pad_id,
                                            self.autocast)  # fmt: skip
             gaps.append(chosen - rejected)
-        gap = torch.cat(gaps)
-        results = {"pairwise_accuracy": float((gap > 0).float().mean()), "margin_mean": float(gap.mean()),
-                   "n_pairs": len(self.held_out)}  # fmt: skip
-        kinds = [pair.kind for pair in self.held_out.pairs]
-        for kind in sorted(set(kinds) - {""}):  # built-in pairs: each kind of worse reply on its own
-            picked = torch.tensor([k == kind for k in kinds])
-            results[f"pairwise_accuracy/{kind}"] = float((gap[picked] > 0).float().mean())
-        line = (f"pairwise accuracy {results['pairwise_accuracy']:.3f}  margin {results['margin_mean']:.3f}  "
-                f"({results['n_pairs']} held-out pairs)")  # fmt: skip
-        return results, line
+        return pairwise_results(torch.cat(gaps), self.held_out)
+
+
+def pairwise_results(gap: torch.Tensor, held_out: EncodedPairs) -> tuple[dict[str, float], str]:
+    """Held-out pairwise accuracy (score of chosen > score of rejected), overall and per kind of
+    built-in pair, and the mean gap; gap [N] = score(chosen) − score(rejected)."""
+    results = {"pairwise_accuracy": float((gap > 0).float().mean()), "margin_mean": float(gap.mean()),
+               "n_pairs": len(held_out)}  # fmt: skip
+    kinds = [pair.kind for pair in held_out.pairs]
+    for kind in sorted(set(kinds) - {""}):  # built-in pairs: each kind of worse reply on its own
+        picked = torch.tensor([k == kind for k in kinds])
+        results[f"pairwise_accuracy/{kind}"] = float((gap[picked] > 0).float().mean())
+    per_kind = "".join(f"  {key.split('/')[1]} {value:.3f}" for key, value in results.items() if "/" in key)
+    line = (f"pairwise accuracy {results['pairwise_accuracy']:.3f}{per_kind}  margin {results['margin_mean']:.3f}  "
+            f"({results['n_pairs']} held-out pairs)")  # fmt: skip
+    return results, line
+
+
+def reply_text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def encode_judge_questions(pairs, tokenizer, template: str, max_tokens: int) -> EncodedPairs:
+    """Each pair as two questions to the judge (``template`` about the chosen reply, then about the
+    rejected one), as the judge reward asks them; a pair with a question longer than ``max_tokens`` is skipped."""
+    kept, chosen_ids, rejected_ids, skipped = [], [], [], 0
+    for pair in pairs:
+        chosen, rejected = (judge_prompt_ids(tokenizer, fill_template(template, pair.prompt, reply_text(reply)))
+                            for reply in (pair.chosen, pair.rejected))  # fmt: skip
+        if max(len(chosen), len(rejected)) > max_tokens:
+            skipped += 1
+            continue
+        kept.append(pair)
+        chosen_ids.append(chosen)
+        rejected_ids.append(rejected)
+    return EncodedPairs(kept, chosen_ids, rejected_ids, skipped)
+
+
+@dataclass
+class JudgeObjective:
+    """A causal LM taught to answer "Yes" for the chosen reply and "No" for the rejected one
+    (``judge_loss``); evaluated by held-out pairwise accuracy of σ(z_Yes − z_No)."""
+
+    model_name: str
+    train_pairs: EncodedPairs  # the questions about each side, as judge prompts
+    held_out: EncodedPairs
+    template: str
+    yes: int  # the verdict tokens
+    no: int
+    eval_batch_size: int
+    pad_id: int
+    autocast: object
+    next_command: str = "rlctl train reward=judge reward.judge.model_path={final}"
+
+    def describe(self) -> str:
+        return (f"judge: {self.model_name} taught to answer Yes (chosen) / No (rejected), {len(self.train_pairs)} "
+                f"training pairs, {len(self.held_out)} held-out")  # fmt: skip
+
+    def batch(self, index: list[int]) -> PairBatch:
+        return pair_batch(self.train_pairs, index, 0.0)
+
+    def scores(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits after the chosen questions [B, V], after the rejected [B, V], P(Yes) of each side [B], [B])."""
+        logits = verdict_logits(model, batch.chosen_ids + batch.rejected_ids, self.pad_id, self.autocast)
+        p_yes = torch.sigmoid(logits[:, self.yes] - logits[:, self.no]).detach().cpu()
+        return logits[: batch.size], logits[batch.size :], p_yes[: batch.size], p_yes[batch.size :]
+
+    def loss_fn(self, engine, batch: PairBatch):
+        (total_pairs,) = sum_over_ranks([float(batch.size)])
+
+        def loss_fn(micro: PairBatch):
+            chosen, rejected, p_chosen, p_rejected = self.scores(engine.model, micro)
+            loss = judge_loss(chosen, rejected, self.yes, self.no) / total_pairs  # this micro-batch's share
+            return loss, {"loss/judge": loss.detach(), "rm/accuracy": (p_chosen > p_rejected).float().mean(),
+                          "rm/margin": (p_chosen - p_rejected).mean(), "judge/p_yes_chosen": p_chosen.mean(),
+                          "judge/p_yes_rejected": p_rejected.mean()}  # fmt: skip
+
+        return loss_fn
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> tuple[dict[str, float], str]:
+        """Pairwise accuracy (P(Yes|chosen) > P(Yes|rejected)) and the mean gap of P(Yes), every rank all pairs."""
+        gaps = []
+        for start in range(0, len(self.held_out), self.eval_batch_size):
+            index = list(range(start, min(start + self.eval_batch_size, len(self.held_out))))
+            _, _, p_chosen, p_rejected = self.scores(engine.model, pair_batch(self.held_out, index, 0.0))
+            gaps.append(p_chosen - p_rejected)
+        return pairwise_results(torch.cat(gaps), self.held_out)
+
+    def final_files(self) -> dict[str, str]:
+        """Written beside the exported model: the question it learned to answer, which reward=judge asks it."""
+        import json
+
+        return {TRAINED_JUDGE_FILE: json.dumps({"template": self.template}, indent=2) + "\n"}
 
 
 
@@ -174,6 +272,18 @@ def read_rm_settings(cfg: DictConfig, ranks: Ranks):
         raise RlctlError(f"margin: must be a finite number, got {cfg.margin}")
     if not (math.isfinite(cfg.center_rewards_coefficient) and cfg.center_rewards_coefficient >= 0):
         raise RlctlError(f"center_rewards_coefficient: must be ≥ 0 (0 = off), got {cfg.center_rewards_coefficient}")
+    if cfg.head not in HEADS:
+        raise RlctlError(f"head: must be one of {list(HEADS)}, got {cfg.head!r}")
+    if cfg.head == "judge":
+        for key, value in (("margin", cfg.margin), ("center_rewards_coefficient", cfg.center_rewards_coefficient)):
+            if value != 0:
+                raise RlctlError(f"{key}: a Bradley-Terry setting; head=judge trains the Yes/No answer and takes none "
+                                 f"(got {value})")  # fmt: skip
+        if "{completion}" not in cfg.judge_template or "{answer}" in cfg.judge_template:
+            raise RlctlError(
+                f"judge_template: must contain {{completion}} and no {{answer}} (preference pairs hold no reference "
+                f"answer), got {cfg.judge_template!r}"
+            )
     if cfg.eval.batch_size < 1:
         raise RlctlError(f"eval.batch_size: must be ≥ 1, got {cfg.eval.batch_size}")
     if read_lora(cfg).enabled:
@@ -196,22 +306,35 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     train_pairs, held_out_pairs = load_pairs(data)  # data errors come before any model loads
     resume_from, config = open_run_folder(cfg, run_dir, ranks)
     tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    tokenizer.padding_side = "right"
-    train, held_out = (encode_pairs(p, tokenizer, data.max_tokens) for p in (train_pairs, held_out_pairs))
+    judging = cfg.head == "judge"
+    if judging:  # questions left-padded, as the judge reward asks them
+        verdicts = verdict_token(tokenizer, "Yes", "model.path"), verdict_token(tokenizer, "No", "model.path")
+        train, held_out = (encode_judge_questions(p, tokenizer, cfg.judge_template, data.max_tokens)
+                           for p in (train_pairs, held_out_pairs))  # fmt: skip
+    else:
+        tokenizer.padding_side = "right"
+        train, held_out = (encode_pairs(p, tokenizer, data.max_tokens) for p in (train_pairs, held_out_pairs))
     if len(train) == 0:
         raise RlctlError(f"data: every training pair has a side longer than data.max_tokens={data.max_tokens}")
     steps = settings.total_steps(len(train), ranks.world_size)
-    model = load_rm_model(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer, cfg.model.dtype,
-                          cfg.model.trust_remote_code, cfg.engine.seed)  # fmt: skip
+    weights = str(resume_from / "model") if resume_from else cfg.model.path
+    if judging:
+        model = models.load_causal_lm(weights, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, cfg.engine.seed)
+    else:
+        model = load_rm_model(weights, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, cfg.engine.seed)
     engine, logger = start_training(cfg, model, optim, zero, ranks, steps, run_dir)
     for name, pairs in (("training", train), ("held-out", held_out)):
         if pairs.skipped:
             logger.message(f"[yellow]data: {pairs.skipped} {name} pairs skipped (a side longer than "
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
     say_when_nothing_is_held_out(logger, "pairs", len(train), len(held_out), settings.eval_enabled)
-    objective = RewardModelObjective(type(engine.unwrapped()).__name__, train, held_out, cfg.margin,
-                                     cfg.eval.batch_size, tokenizer.pad_token_id, engine.autocast,
-                                     cfg.center_rewards_coefficient)  # fmt: skip
+    name = type(engine.unwrapped()).__name__
+    if judging:
+        objective = JudgeObjective(name, train, held_out, cfg.judge_template, *verdicts, cfg.eval.batch_size,
+                                   tokenizer.pad_token_id, engine.autocast)  # fmt: skip
+    else:
+        objective = RewardModelObjective(name, train, held_out, cfg.margin, cfg.eval.batch_size, tokenizer.pad_token_id,
+                                         engine.autocast, cfg.center_rewards_coefficient)  # fmt: skip
     return OfflineRun(
         name="rm", objective=objective, tokenizer=tokenizer, engine=engine,
         sampler=PromptSampler(len(train), settings.per_step * ranks.world_size, data.seed), settings=replace(

@@ -17,6 +17,7 @@ from rlctl.batch import Batch, sample_rows, scored_batch_metrics
 from rlctl.checkpoint import (
     StopRequest,
     TrainState,
+    amend_trainer_state,
     export_model,
     last_good_checkpoint,
     latest_checkpoint,
@@ -26,7 +27,7 @@ from rlctl.checkpoint import (
 )
 from rlctl.distributed import mean_over_ranks, sum_over_ranks
 from rlctl.errors import RlctlError
-from rlctl.evaluate import evaluate_and_log
+from rlctl.evaluate import evaluate_and_log, overoptimisation_warning
 from rlctl.logging import Timer, seconds_since_start
 from rlctl.optim.scoring import response_logprobs, response_values, score_in_chunks
 from rlctl.optim.update import minibatch_counts, minibatches, padding_fraction, update
@@ -190,8 +191,8 @@ def save_resumable(s: Stages, state: TrainState) -> Path:
     trainer_state = {
         "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
         "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
-        "consecutive_reward_failures": state.consecutive_reward_failures,
-        "sampler": s.sampler.state_dict(), "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None,
+        "consecutive_reward_failures": state.consecutive_reward_failures, "evaluations": state.evaluations,
+        "gold_warned": state.gold_warned, "best": state.best, "sampler": s.sampler.state_dict(), "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None,
         "world_size": s.ranks.world_size, "config": s.config,
     }  # fmt: skip
     return write_checkpoint(s.run_dir, state.step, _engines(s), s.tokenizer, s.ranks, s.checkpoints.keep_last,
@@ -209,8 +210,34 @@ def restore(s: Stages, folder: Path) -> TrainState:
     return TrainState(
         step=saved["step"], kl_coef=saved["kl_coef"], skipped_steps=saved["skipped_steps"],
         consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
-        consecutive_reward_failures=saved["consecutive_reward_failures"],
+        consecutive_reward_failures=saved["consecutive_reward_failures"], evaluations=saved.get("evaluations", []),
+        gold_warned=saved.get("gold_warned", False), best=saved.get("best"),
     )  # fmt: skip
+
+
+def evaluate(s: Stages, state: TrainState, label: str) -> dict:
+    """A held-out evaluation, then what it decides: the over-optimisation warning (the trained reward up,
+    eval.gold not, for eval.gold_patience evaluations in a row) and checkpoints/best (checkpoint.keep_best)."""
+    results = evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, label)
+    if not results or "error" in results:
+        return results
+    state.evaluations.append({"step": state.step, "reward": results["reward_mean"], "gold": results.get("gold_mean")})
+    warning = overoptimisation_warning(state.evaluations, s.gold_patience, s.evaluator.gold_name)
+    if warning and not state.gold_warned:
+        state.gold_warned = True
+        s.logger.message(f"[bold yellow]warning: {warning}")
+        s.logger.metrics({"eval/overoptimisation_warning": 1.0}, state.step)
+    if s.keep_best != "none":
+        key = "gold_mean" if s.keep_best == "gold" else "reward_mean"
+        value = mean_over_ranks({key: results[key]})[key]  # one decision on every rank: the export is collective
+        if state.best is None or value > state.best["value"]:
+            state.best = {"step": state.step, "by": key, "value": value, "reward_mean": results["reward_mean"],
+                          "gold_mean": results.get("gold_mean")}  # fmt: skip
+            best = export_model(s.run_dir, s.policy, s.tokenizer, s.ranks, name="best")
+            if s.ranks.is_main:
+                (best / "best.json").write_text(json.dumps(state.best, indent=2) + "\n")
+            s.logger.message(f"{best}: the policy of step {state.step} (held-out {key} {value:.3f}, the best so far)")
+    return results
 
 
 def export_final(s: Stages) -> Path:
@@ -239,7 +266,7 @@ def train(s: Stages) -> dict:
     else:
         state, resumed_at = TrainState(step=0, kl_coef=s.algo.kl_coef), None
         if s.evaluator is not None:
-            state.eval_before = evaluate_and_log(s.evaluator, s.policy, s.logger, 0, "before training")
+            state.eval_before = evaluate(s, state, "before training")
     metrics: dict[str, float] = {}
     policy = s.checkpoints
     with StopRequest(acknowledge=lambda line: s.logger.message(f"[yellow]{line}")) as stop:
@@ -259,7 +286,7 @@ def train(s: Stages) -> dict:
                     f"{last_good_checkpoint(s.run_dir)}"
                 )
             if s.eval_every and state.step % s.eval_every == 0 and state.step != s.steps:
-                evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, f"at step {state.step}")
+                evaluate(s, state, f"at step {state.step}")
             if stop.signal_name is not None:
                 path = save_resumable(s, state)
                 summary["stopped_by"] = stop.signal_name
@@ -280,9 +307,14 @@ def train(s: Stages) -> dict:
             if nothing_trained and (s.run_dir / "eval.json").exists():  # its evaluation stands
                 summary.update(json.loads((s.run_dir / "eval.json").read_text()))
             elif s.evaluator is not None:
-                summary["after"] = evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, "after training")
+                summary["after"] = evaluate(s, state, "after training")
+                summary["best"] = state.best
+                if s.ranks.is_main and latest_checkpoint(s.run_dir) is not None:  # so a resumed run keeps them
+                    amend_trainer_state(latest_checkpoint(s.run_dir), {"evaluations": state.evaluations,
+                                        "gold_warned": state.gold_warned, "best": state.best})  # fmt: skip
                 (s.run_dir / "eval.json").write_text(
-                    json.dumps({k: summary[k] for k in ("before", "after")}, indent=2) + "\n"
+                    json.dumps({k: summary[k] for k in ("before", "after", "best") if summary[k] is not None}, indent=2)
+                    + "\n"
                 )
             if s.save_final and not (nothing_trained and (s.run_dir / "checkpoints" / "final").is_dir()):
                 s.logger.message(f"saved the trained model to {export_final(s)}")

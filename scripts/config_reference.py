@@ -62,6 +62,9 @@ def annotations(source: str) -> dict[tuple[str, str], str]:
     }
 
 
+NEWLINE = "\\n"  # a default with line breaks shows them as \n, keeping its table row on one line
+
+
 def composed_defaults(command: str):
     """The command's config as `rlctl COMMAND` composes it with no overrides, interpolations unresolved."""
     from hydra import compose, initialize_config_dir
@@ -192,7 +195,7 @@ def render() -> str:
         out += ["", f"## rlctl {command}", "", f"Schema: `{schema.__name__}`.", "",
                 "| key | type | default | meaning |", "|---|---|---|---|"]  # fmt: skip
         for key, kind, default, meaning in rows(schema, cfg, "", comments, types):
-            out.append(f"| `{key}` | `{kind.replace('|', '&#124;')}` | {default.replace('|', '&#124;')} | "
+            out.append(f"| `{key}` | `{kind.replace('|', '&#124;')}` | {default.replace('|', '&#124;').replace(chr(10), NEWLINE)} | "
                        f"{meaning.replace('|', '&#124;')} |")  # fmt: skip
     return "\n".join(out) + "\n"
 

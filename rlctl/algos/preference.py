@@ -19,6 +19,17 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: to
     return -F.logsigmoid(chosen - rejected - margins).sum()
 
 
+def judge_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, yes: int, no: int) -> torch.Tensor:
+    """Cross-entropy of a judge's verdict token: "Yes" after the question about the chosen reply, "No"
+    after the one about the rejected reply, over the whole vocabulary:
+
+        L = Σ_i ½·[−log softmax(z_c,i)_Yes − log softmax(z_r,i)_No]
+
+    chosen_logits, rejected_logits: [B, V], the logits at the position after each question -> scalar.
+    Its gradient in z_c,i is ½·(softmax(z_c,i) − onehot(Yes)), in z_r,i ½·(softmax(z_r,i) − onehot(No))."""
+    return 0.5 * (-F.log_softmax(chosen_logits, dim=-1)[:, yes] - F.log_softmax(rejected_logits, dim=-1)[:, no]).sum()
+
+
 def implicit_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
     """DPO's implicit reward of a reply, β·(log π(y|x) − log π_ref(y|x)). [B] -> [B]."""
     return beta * (logp - ref_logp)

@@ -9,14 +9,14 @@ next position, the score is
     P(Yes) / (P(Yes) + P(No)) = σ(z_Yes − z_No)        (the other tokens' mass cancels)
 
 in [0, 1]: one forward pass per sample, in batches, frozen (partitioned under ZeRO-3 like the
-reference). The judge keeps what its language model knows about the task, which a scalar head
+reference), its LM head in float32 (``verdict_logits``). The judge keeps what its language model knows about the task, which a scalar head
 trained on a few pairs can lose; by default it is the policy's own starting model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,18 +24,26 @@ from rlctl import models
 from rlctl.errors import RlctlError, check_fields
 from rlctl.rollout.hf import left_pad
 
+# The question a judge is asked when neither reward.judge.template nor its training names one.
+DEFAULT_TEMPLATE = (
+    "Question: {prompt}\nReply: {completion}\nReference answer: {answer}\n"
+    "Does the reply answer the question correctly? Answer Yes or No."
+)
+# Written beside a judge trained by `rlctl rm head=judge`: the template it learned to answer.
+TRAINED_JUDGE_FILE = "rlctl_judge.json"
+
 
 @dataclass(frozen=True)
 class JudgeSpec:
     """The ``reward.judge`` group (filled by field name)."""
 
     model_path: str | None  # the judge; None: the policy's model.path
-    template: str  # the question, with {prompt}, {completion} and {answer}
+    template: str | None  # the question, with {prompt}, {completion} and {answer}; None: the judge's own
     batch_size: int  # samples per forward pass
     max_tokens: int  # a longer question keeps its last tokens
 
     def __post_init__(self) -> None:
-        checks = (("template", "{completion}" in self.template, "must contain {completion}"),
+        checks = (("template", self.template is None or "{completion}" in self.template, "must contain {completion}"),
                   ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
                   ("max_tokens", self.max_tokens >= 8, "must be ≥ 8"))  # fmt: skip
         check_fields(self, checks)
@@ -51,7 +59,7 @@ def judge_prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(f"{question}\nAnswer:", add_special_tokens=True)["input_ids"]
 
 
-def verdict_token(tokenizer, word: str, key: str = "reward.judge") -> int:
+def verdict_token(tokenizer, word: str, key: str = "reward.judge.model_path") -> int:
     """The one token the judge's reply starts with when it says ``word`` right after the prompt;
     one line naming the judge when ``word`` takes several tokens there."""
     context = judge_prompt_ids(tokenizer, "Is this a question? Answer Yes or No.")
@@ -60,10 +68,45 @@ def verdict_token(tokenizer, word: str, key: str = "reward.judge") -> int:
     extra = full[len(context) :]
     if len(extra) != 1 or full[: len(context)] != context:
         raise RlctlError(
-            f"{key}.model_path: the judge's tokenizer writes {word!r} after its prompt as {len(extra)} tokens "
+            f"{key}: the judge's tokenizer writes {word!r} after its prompt as {len(extra)} tokens "
             f"({extra}); the judge reads one token's probability, so pick a judge whose tokenizer has it as one"
         )
     return extra[0]
+
+
+def trained_template(folder: str) -> str | None:
+    """The template a judge trained by `rlctl rm head=judge` learned to answer (None for any other model)."""
+    import json
+    from pathlib import Path
+
+    file = Path(folder) / TRAINED_JUDGE_FILE
+    return json.loads(file.read_text())["template"] if file.is_file() else None
+
+
+def fill_template(template: str, chat: list[dict], completion: str, answer: str = "") -> str:
+    """The question about one reply; {prompt} is the chat's last user message."""
+    prompt = next((m["content"] for m in reversed(chat) if m.get("role") == "user"), "")
+    return template.replace("{prompt}", prompt).replace("{completion}", completion).replace("{answer}", str(answer))
+
+
+def verdict_logits(model, rows: list[list[int]], pad_id: int, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The judge's logits at the position after each question [B, V] (float32): one forward pass
+    (under ``autocast``), rows left-padded so that every row's next position is the last column. The
+    LM head then runs on that one position in float32 outside autocast: the verdict is a small
+    difference of two logits, which bf16 rounds to ties between replies (a quarter of the built-in
+    held-out pairs for SmolLM2). Differentiable (``rlctl rm head=judge`` trains through it)."""
+    ids, mask = left_pad(rows, pad_id)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    with autocast():
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    use_cache=False, output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    head = module.get_output_embeddings()
+    with torch.autocast(device.type, enabled=False):
+        logits = head(out.hidden_states[-1][:, -1].to(head.weight.dtype)).float()
+    cap = getattr(module.config, "final_logit_softcapping", None)  # Gemma 2's, applied after the head
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class JudgeReward:
@@ -75,8 +118,11 @@ class JudgeReward:
                  autocast=None):  # fmt: skip
         from rlctl.optim.engine import frozen_for_inference
 
-        self.spec = spec
         path = spec.model_path or default_path
+        if spec.template is None:  # a trained judge answers the question it was taught; any other the default
+            spec = replace(spec, template=trained_template(models.resolve(path, "reward.judge.model_path"))
+                           or DEFAULT_TEMPLATE)  # fmt: skip
+        self.spec = spec
         self.tokenizer = models.load_tokenizer(path, trust_remote_code)
         self.yes, self.no = verdict_token(self.tokenizer, "Yes"), verdict_token(self.tokenizer, "No")
         model = models.load_causal_lm(path, self.tokenizer, dtype, trust_remote_code)
@@ -84,25 +130,17 @@ class JudgeReward:
         self.autocast = autocast or contextlib.nullcontext
 
     def questions(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[str]:
-        def last_user(chat: list[dict]) -> str:
-            return next((m["content"] for m in reversed(chat) if m.get("role") == "user"), "")
-
-        return [self.spec.template.replace("{prompt}", last_user(chat)).replace("{completion}", completion)
-                .replace("{answer}", str(answer)) for chat, completion, answer in zip(prompts, completions, answers)]  # fmt: skip
+        return [fill_template(self.spec.template, chat, completion, answer)
+                for chat, completion, answer in zip(prompts, completions, answers)]  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
         """σ(z_Yes − z_No) of each sample [N], z the judge's logits at the position after its prompt."""
         rows = [judge_prompt_ids(self.tokenizer, q)[-self.spec.max_tokens :]
                 for q in self.questions(prompts, completions, answers)]  # fmt: skip
-        device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(rows), self.spec.batch_size):
-            # left-padded: every row's next position is the last column
-            ids, mask = left_pad(rows[start : start + self.spec.batch_size], self.tokenizer.pad_token_id)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            with self.autocast():
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device), use_cache=False).logits[:, -1].float().cpu()  # fmt: skip
+            logits = verdict_logits(self.model, rows[start : start + self.spec.batch_size], self.tokenizer.pad_token_id,
+                                    self.autocast).cpu()  # fmt: skip
             scores.append(torch.sigmoid(logits[:, self.yes] - logits[:, self.no]))
         return torch.cat(scores).tolist() if scores else []
