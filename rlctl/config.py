@@ -125,8 +125,12 @@ class RewardTerm:
 @dataclass
 class JudgeConfig:
     model_path: str | None = None  # judge term: a causal LM asked whether the reply is right; None = the policy's model.path
+    # judge term: question (the template as one user turn, quoting the reply) | conversation (the policy's chat, the reply
+    # as the assistant's turn, then the template as the next user turn); None: the trained judge's own, else question
+    form: str | None = None
     # judge term: the question, with {prompt} (the last user message), {completion} and {answer}; None: the one the
-    # judge was trained with (rlctl rm head=judge), else "Question … Reply … Reference answer … correctly? Answer Yes or No."
+    # judge was trained with (rlctl rm head=judge), else the form's default ("Question … Reply … Reference answer …
+    # Does the reply answer the question correctly? Answer Yes or No." | "Is your answer correct? Answer Yes or No.")
     template: str | None = None
     batch_size: int = 32  # judge term: samples per forward pass
     max_tokens: int = 1024  # judge term: a longer question keeps its last tokens
@@ -345,8 +349,13 @@ class RMConfig:
     # scalar: a one-label head trained by Bradley-Terry (reward=model) | judge: the causal LM taught to answer "Yes" for
     # the chosen reply and "No" for the rejected one under judge_template (reward=judge)
     head: str = "scalar"
-    # head=judge: the question about one reply, with {prompt} (the last user message) and {completion}
-    judge_template: str = "Question: {prompt}\nReply: {completion}\nDoes the reply answer the question correctly? Answer Yes or No."
+    # head=judge: how the judge is asked, as reward.judge.form: question (one user turn quoting the reply) | conversation
+    # (the pair's chat, the reply as the assistant's turn, then judge_template as the next user turn)
+    judge_form: str = "question"
+    # head=judge: the question about one reply, with {prompt} (the last user message) and {completion}; None: the form's
+    # default without a reference answer ("Question … Reply … Does the reply answer the question correctly? Answer Yes
+    # or No." | "Is your answer correct? Answer Yes or No.")
+    judge_template: str | None = None
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end
 
 

@@ -37,6 +37,7 @@ from rlctl.errors import RlctlError
 from rlctl.offline import (
     OfflineRun,
     OfflineSettings,
+    load_policy,
     open_run_folder,
     read_engine_settings,
     read_lora,
@@ -44,9 +45,10 @@ from rlctl.offline import (
     start_training,
 )
 from rlctl.rewards.judge import (
+    FORMS,
+    PAIR_TEMPLATES,
     TRAINED_JUDGE_FILE,
-    fill_template,
-    judge_prompt_ids,
+    judge_ids,
     verdict_logits,
     verdict_token,
 )
@@ -158,12 +160,13 @@ def reply_text(messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def encode_judge_questions(pairs, tokenizer, template: str, max_tokens: int) -> EncodedPairs:
+def encode_judge_questions(pairs, tokenizer, form: str, template: str, max_tokens: int) -> EncodedPairs:
     """Each pair as two questions to the judge (``template`` about the chosen reply, then about the
-    rejected one), as the judge reward asks them; a pair with a question longer than ``max_tokens`` is skipped."""
+    rejected one, in ``form``), as the judge reward asks them; a pair with a question longer than
+    ``max_tokens`` is skipped."""
     kept, chosen_ids, rejected_ids, skipped = [], [], [], 0
     for pair in pairs:
-        chosen, rejected = (judge_prompt_ids(tokenizer, fill_template(template, pair.prompt, reply_text(reply)))
+        chosen, rejected = (judge_ids(tokenizer, form, template, pair.prompt, reply_text(reply))
                             for reply in (pair.chosen, pair.rejected))  # fmt: skip
         if max(len(chosen), len(rejected)) > max_tokens:
             skipped += 1
@@ -182,6 +185,7 @@ class JudgeObjective:
     model_name: str
     train_pairs: EncodedPairs  # the questions about each side, as judge prompts
     held_out: EncodedPairs
+    form: str  # question | conversation
     template: str
     yes: int  # the verdict tokens
     no: int
@@ -229,7 +233,7 @@ class JudgeObjective:
         """Written beside the exported model: the question it learned to answer, which reward=judge asks it."""
         import json
 
-        return {TRAINED_JUDGE_FILE: json.dumps({"template": self.template}, indent=2) + "\n"}
+        return {TRAINED_JUDGE_FILE: json.dumps({"form": self.form, "template": self.template}, indent=2) + "\n"}
 
 
 
@@ -263,6 +267,10 @@ def load_rm_model(path: str, tokenizer, dtype: str, trust_remote_code: bool, see
     return model
 
 
+def judge_template_of(cfg: DictConfig) -> str:
+    return cfg.judge_template if cfg.judge_template is not None else PAIR_TEMPLATES[cfg.judge_form]
+
+
 def read_rm_settings(cfg: DictConfig, ranks: Ranks):
     """Every value of the ``rm`` config checked, one-line errors naming the key; nothing loaded."""
     settings = OfflineSettings(per_step=cfg.pairs_per_step, epochs=cfg.epochs, steps=cfg.steps,
@@ -279,17 +287,20 @@ def read_rm_settings(cfg: DictConfig, ranks: Ranks):
             if value != 0:
                 raise RlctlError(f"{key}: a Bradley-Terry setting; head=judge trains the Yes/No answer and takes none "
                                  f"(got {value})")  # fmt: skip
-        if "{completion}" not in cfg.judge_template or "{answer}" in cfg.judge_template:
+        if cfg.judge_form not in FORMS:
+            raise RlctlError(f"judge_form: must be one of {list(FORMS)}, got {cfg.judge_form!r}")
+        template = judge_template_of(cfg)
+        if "{answer}" in template or (cfg.judge_form == "question" and "{completion}" not in template):
             raise RlctlError(
-                f"judge_template: must contain {{completion}} and no {{answer}} (preference pairs hold no reference "
-                f"answer), got {cfg.judge_template!r}"
+                f"judge_template: must contain {{completion}} (form question) and no {{answer}} (preference pairs hold "
+                f"no reference answer), got {template!r}"
             )
     if cfg.eval.batch_size < 1:
         raise RlctlError(f"eval.batch_size: must be ≥ 1, got {cfg.eval.batch_size}")
-    if read_lora(cfg).enabled:
+    if read_lora(cfg).enabled and cfg.head != "judge":
         raise RlctlError(
             f"model.lora.r: rlctl rm trains the whole reward model, its new score head with it; leave it at 0 "
-            f"(got {cfg.model.lora.r}); LoRA is for rlctl train, sft and dpo"
+            f"(got {cfg.model.lora.r}), or train a judge, which keeps the LM's own head: head=judge"
         )
     data = fill("data", cfg.data, PreferenceSpec)
     models.check_path(cfg.model.path, "model.path")
@@ -309,7 +320,7 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     judging = cfg.head == "judge"
     if judging:  # questions left-padded, as the judge reward asks them
         verdicts = verdict_token(tokenizer, "Yes", "model.path"), verdict_token(tokenizer, "No", "model.path")
-        train, held_out = (encode_judge_questions(p, tokenizer, cfg.judge_template, data.max_tokens)
+        train, held_out = (encode_judge_questions(p, tokenizer, cfg.judge_form, judge_template_of(cfg), data.max_tokens)
                            for p in (train_pairs, held_out_pairs))  # fmt: skip
     else:
         tokenizer.padding_side = "right"
@@ -317,11 +328,11 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     if len(train) == 0:
         raise RlctlError(f"data: every training pair has a side longer than data.max_tokens={data.max_tokens}")
     steps = settings.total_steps(len(train), ranks.world_size)
-    weights = str(resume_from / "model") if resume_from else cfg.model.path
-    if judging:
-        model = models.load_causal_lm(weights, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, cfg.engine.seed)
+    if judging:  # a causal LM, with an adapter under model.lora as in sft and dpo
+        model = load_policy(cfg, tokenizer, resume_from)
     else:
-        model = load_rm_model(weights, tokenizer, cfg.model.dtype, cfg.model.trust_remote_code, cfg.engine.seed)
+        model = load_rm_model(str(resume_from / "model") if resume_from else cfg.model.path, tokenizer, cfg.model.dtype,
+                              cfg.model.trust_remote_code, cfg.engine.seed)  # fmt: skip
     engine, logger = start_training(cfg, model, optim, zero, ranks, steps, run_dir)
     for name, pairs in (("training", train), ("held-out", held_out)):
         if pairs.skipped:
@@ -330,7 +341,7 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     say_when_nothing_is_held_out(logger, "pairs", len(train), len(held_out), settings.eval_enabled)
     name = type(engine.unwrapped()).__name__
     if judging:
-        objective = JudgeObjective(name, train, held_out, cfg.judge_template, *verdicts, cfg.eval.batch_size,
+        objective = JudgeObjective(name, train, held_out, cfg.judge_form, judge_template_of(cfg), *verdicts, cfg.eval.batch_size,
                                    tokenizer.pad_token_id, engine.autocast)  # fmt: skip
     else:
         objective = RewardModelObjective(name, train, held_out, cfg.margin, cfg.eval.batch_size, tokenizer.pad_token_id,

@@ -34,17 +34,26 @@ def launch(n: int, *args: str, timeout: int = 600) -> subprocess.CompletedProces
     return result
 
 
+FORMAT_REWARD = ("reward.terms=[{name: format, pattern: ing}]",)
+# the judge partitioned like the reference, the gold reward on every rank, checkpoints/best gathered
+JUDGE_AND_GOLD = ("reward=judge", "eval.gold=exact_number", "checkpoint.keep_best=gold")
+
+
 @pytest.mark.parametrize(
-    "algo, stage",
-    [("grpo", "zero2"), ("grpo", "zero3"), ("ppo", "zero3")],
-    ids=["grpo-zero2", "grpo-zero3", "ppo-zero3"],
+    "algo, stage, reward",
+    [("grpo", "zero2", FORMAT_REWARD), ("grpo", "zero3", JUDGE_AND_GOLD), ("ppo", "zero3", FORMAT_REWARD)],
+    ids=["grpo-zero2", "grpo-zero3-judge-gold-best", "ppo-zero3"],
 )
 @pytest.mark.integration
-def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage):
+def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage, reward):
     run = tmp_path / "run"
-    result = launch(2, "-m", "rlctl", "train", "recipe=smoke", f"algo={algo}", f"deepspeed={stage}",
-                    "reward.terms=[{name: format, pattern: ing}]", f"hydra.run.dir={run}")  # fmt: skip
+    result = launch(2, "-m", "rlctl", "train", "recipe=smoke", f"algo={algo}", f"deepspeed={stage}", *reward,
+                    f"hydra.run.dir={run}")  # fmt: skip
     assert result.stdout.count("step 2/2") == 1  # one rank logs
+    if reward == JUDGE_AND_GOLD:
+        evaluation = json.loads((run / "eval.json").read_text())
+        assert "gold_mean" in evaluation["after"] and evaluation["best"]["by"] == "gold_mean"
+        assert AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "best") is not None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
     final = run / "checkpoints" / "final"

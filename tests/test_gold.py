@@ -173,8 +173,9 @@ def test_a_gold_that_is_the_trained_reward_is_warned_about():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["head=judge", "judge_template=Is it right?"], "judge_template: must contain {completion} and no {answer}"),
-        (["head=judge", "judge_template='Q {completion} A {answer}'"], "judge_template: must contain {completion} and no {answer}"),
+        (["head=judge", "judge_template=Is it right?"], "judge_template: must contain {completion} (form question) and no {answer}"),
+        (["head=judge", "judge_form=conversation", "judge_template='Right? {answer}'"], "no {answer} (preference pairs hold"),
+        (["head=judge", "judge_form=chat"], "judge_form: must be one of ['question', 'conversation'], got 'chat'"),
         (["head=judge", "margin=1"], "margin: a Bradley-Terry setting; head=judge trains the Yes/No answer"),
         (["head=judge", "center_rewards_coefficient=0.1"], "center_rewards_coefficient: a Bradley-Terry setting"),
         (["head=critic"], "head: must be one of ['scalar', 'judge'], got 'critic'"),
@@ -201,7 +202,7 @@ def test_judge_micro_batches_give_the_update_of_the_whole_batch(tmp_path):
 
 def test_the_judge_step_loss_is_the_cross_entropy_of_yes_and_no_on_its_questions(tmp_path):
     # One pair: recompute the loss from the model before the update, asking both questions by hand.
-    from rlctl.rewards.judge import fill_template, judge_prompt_ids, verdict_logits
+    from rlctl.rewards.judge import PAIR_TEMPLATES, fill_template, judge_prompt_ids, verdict_logits
     from rlctl.rm import build_rm, reply_text
 
     run = build_rm(compose_rm("engine.precision=no", "eval.enabled=false", "head=judge", "pairs_per_step=1"),
@@ -209,7 +210,7 @@ def test_the_judge_step_loss_is_the_cross_entropy_of_yes_and_no_on_its_questions
     index = run.sampler.next_batch()[0]  # the pair the first step draws (the same seed in both builds)
     pair = run.objective.train_pairs.pairs[index]
     tokenizer = run.tokenizer
-    questions = [judge_prompt_ids(tokenizer, fill_template(compose_rm().judge_template, pair.prompt, reply_text(r)))
+    questions = [judge_prompt_ids(tokenizer, fill_template(PAIR_TEMPLATES["question"], pair.prompt, reply_text(r)))
                  for r in (pair.chosen, pair.rejected)]  # fmt: skip
     assert questions == [run.objective.train_pairs.chosen_ids[index], run.objective.train_pairs.rejected_ids[index]]
     with torch.no_grad():
@@ -222,24 +223,39 @@ def test_the_judge_step_loss_is_the_cross_entropy_of_yes_and_no_on_its_questions
 
 @pytest.mark.integration
 def test_a_trained_judge_is_a_reward_that_asks_its_own_question(tmp_path):
-    from rlctl.rewards.judge import JudgeReward, JudgeSpec
+    from rlctl.rewards.judge import DEFAULT_TEMPLATES, JudgeReward, JudgeSpec
 
     run_dir = tmp_path / "judge"
-    result = rlctl("rm", "model.path=random:tiny", "head=judge", "steps=2", "pairs_per_step=8",
+    result = rlctl("rm", "model.path=random:tiny", "head=judge", "judge_form=conversation", "steps=2", "pairs_per_step=8",
                    "data.pairs_per_problem=1", f"hydra.run.dir={run_dir}")  # fmt: skip
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert {"pairwise_accuracy", "pairwise_accuracy/wrong_number", "pairwise_accuracy/rambling"} <= set(
         evaluation["after"]
     )
     assert "reward=judge reward.judge.model_path=" in result.stdout
-    template = compose_rm().judge_template
     saved = json.loads((run_dir / "checkpoints" / "final" / "rlctl_judge.json").read_text())
-    assert saved == {"template": template}
-    judge = JudgeReward(JudgeSpec(str(run_dir), None, 4, 1024), "random:tiny", "float32", False)
-    assert judge.spec.template == template  # asked what it was taught, not the default with a reference answer
+    assert saved == {"form": "conversation", "template": "Is your answer correct? Answer Yes or No."}
+    judge = JudgeReward(JudgeSpec(str(run_dir), None, None, 4, 1024), "random:tiny", "float32", False)
+    assert (judge.spec.form, judge.spec.template) == (saved["form"], saved["template"])  # asked what it was taught
+    other = JudgeReward(JudgeSpec(str(run_dir), "question", None, 4, 1024), "random:tiny", "float32", False)
+    assert other.spec.template == DEFAULT_TEMPLATES["question"]  # another form: that form's default question
     assert "# A judge from " in (run_dir / "checkpoints" / "final" / "README.md").read_text()
     # and as the reward of a training run
     rlctl("train", "recipe=smoke", "reward=judge", f"reward.judge.model_path={run_dir}", "eval.gold=exact_number",
           f"hydra.run.dir={tmp_path / 'grpo'}")  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["reward/judge"] < 1 for r in rows if "reward/judge" in r)
+
+
+def test_the_conversation_form_continues_the_policys_chat(tokenizer):
+    # The chat, the reply as the assistant's turn, the question as the next user turn, the assistant's
+    # turn opened: SmolLM2's template written out by hand.
+    from rlctl.rewards.judge import judge_ids
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"}]
+    ids = judge_ids(tokenizer, "conversation", "Is your answer correct? Answer Yes or No.", chat, "7")
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n"
+        "<|im_start|>assistant\n7<|im_end|>\n<|im_start|>user\nIs your answer correct? Answer Yes or No.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )

@@ -341,7 +341,8 @@ def judge_spec(**changes):
     from rlctl.config import JudgeConfig
     from rlctl.rewards.judge import JudgeSpec
 
-    return JudgeSpec(**{"model_path": None, "template": JudgeConfig().template, "batch_size": 2, "max_tokens": 1024,
+    return JudgeSpec(**{"model_path": None, "form": JudgeConfig().form, "template": JudgeConfig().template,
+                        "batch_size": 2, "max_tokens": 1024,
                         **changes})  # fmt: skip
 
 
@@ -386,6 +387,8 @@ def test_judge_mistakes_name_the_key():
 
     from rlctl.build import reward_settings
 
+    with pytest.raises(RlctlError, match=r"^reward.judge.form: must be one of \['question', 'conversation'\]"):
+        reward_settings(compose_for("train", "tiny", "reward=judge", "reward.judge.form=chat").reward)
     with pytest.raises(RlctlError, match=r"^reward.judge.template: must contain \{completion\}"):
         reward_settings(compose_for("train", "tiny", "reward=judge", "reward.judge.template=Is it right?").reward)
     with pytest.raises(RlctlError, match=r"^reward.judge.batch_size: must be ≥ 1, got 0"):

@@ -167,18 +167,17 @@ _RAMBLING = (
     "which is the result of the expression.",
     "Alright, first, how do you find {expression}? Think of it as combining two groups of things: "
     "{x} when you combine them, not just simply adding.",
-    # Short ones that restate the question first: not "just the number", and the rule reads the
-    # first number it finds.
-    "{expression} = {x}",
-    "{expression} equals {x}.",
-    "{expression} is {x}.",
 )
+# Short ones that restate the question first: not "just the number", and the rule reads the first
+# number it finds (kind "restating"; drawn with the rambling ones).
+_RESTATING = ("{expression} = {x}", "{expression} equals {x}.", "{expression} is {x}.")
 _PLAIN = ("{x}", "{x}", "The answer is {x}.")  # what the exact-number rule accepts: the number comes first
 
 
 def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Pairs from the arithmetic task: chosen states the right number plainly; rejected states a
-    wrong one in the same words, or (``rambling_fraction`` of the time) the right one buried in rambling."""
+    wrong one in the same words, or (``rambling_fraction`` of the time) the right one buried in rambling
+    or after a restatement of the question. Each pair's ``kind`` says which: wrong_number, rambling, restating."""
     problems = SourceSpec(digits=spec.digits, num_operands=spec.num_operands, operators=spec.operators,
                           eval_fraction=spec.eval_fraction, seed=spec.seed)  # fmt: skip
     train, held_out = arithmetic(problems)
@@ -199,7 +198,9 @@ def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[Prefer
                     offset = rng.choice([d for d in range(-5, 6) if d != 0])
                     rejected, kind = form.format(x=value + offset, expression=expression), "wrong_number"
                 else:
-                    rejected, kind = rng.choice(_RAMBLING).format(x=value, expression=expression), "rambling"
+                    worse = rng.choice(_RAMBLING + _RESTATING)
+                    kind = "restating" if worse in _RESTATING else "rambling"
+                    rejected = worse.format(x=value, expression=expression)
                 made.append(PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
                                            [{"role": "assistant", "content": rejected}], 0.0, example.origin, kind))  # fmt: skip
         rng.shuffle(made)

@@ -2,8 +2,9 @@
 next-token distribution, without generating.
 
 The question is ``reward.judge.template`` with ``{prompt}`` (the last user message), ``{completion}``
-and ``{answer}`` filled in, rendered as a user turn through the judge's chat template with the
-assistant's turn opened. With z_Yes and z_No the judge's logits of the "Yes" and "No" tokens at the
+and ``{answer}`` filled in, rendered through the judge's chat template with the assistant's turn
+opened: as one user turn that quotes the reply (``form=question``), or as the next user turn after
+the policy's own chat and reply (``form=conversation``). With z_Yes and z_No the judge's logits of the "Yes" and "No" tokens at the
 next position, the score is
 
     P(Yes) / (P(Yes) + P(No)) = σ(z_Yes − z_No)        (the other tokens' mass cancels)
@@ -24,12 +25,21 @@ from rlctl import models
 from rlctl.errors import RlctlError, check_fields
 from rlctl.rollout.hf import left_pad
 
-# The question a judge is asked when neither reward.judge.template nor its training names one.
-DEFAULT_TEMPLATE = (
-    "Question: {prompt}\nReply: {completion}\nReference answer: {answer}\n"
-    "Does the reply answer the question correctly? Answer Yes or No."
-)
-# Written beside a judge trained by `rlctl rm head=judge`: the template it learned to answer.
+FORMS = ("question", "conversation")
+# The question a judge is asked, by form, when neither reward.judge.template nor its training names one:
+# "question" quotes the reply in one user turn; "conversation" continues the policy's own chat, the
+# reply as the assistant's turn, with this as the next user turn.
+DEFAULT_TEMPLATES = {
+    "question": "Question: {prompt}\nReply: {completion}\nReference answer: {answer}\n"
+    "Does the reply answer the question correctly? Answer Yes or No.",
+    "conversation": "Is your answer correct? Answer Yes or No.",
+}
+# What `rlctl rm head=judge` asks by default: preference pairs hold no reference answer.
+PAIR_TEMPLATES = {
+    "question": "Question: {prompt}\nReply: {completion}\nDoes the reply answer the question correctly? Answer Yes or No.",
+    "conversation": DEFAULT_TEMPLATES["conversation"],
+}
+# Written beside a judge trained by `rlctl rm head=judge`: the form and template it learned to answer.
 TRAINED_JUDGE_FILE = "rlctl_judge.json"
 
 
@@ -38,12 +48,15 @@ class JudgeSpec:
     """The ``reward.judge`` group (filled by field name)."""
 
     model_path: str | None  # the judge; None: the policy's model.path
+    form: str | None  # question | conversation; None: the trained judge's own, else question
     template: str | None  # the question, with {prompt}, {completion} and {answer}; None: the judge's own
     batch_size: int  # samples per forward pass
     max_tokens: int  # a longer question keeps its last tokens
 
     def __post_init__(self) -> None:
-        checks = (("template", self.template is None or "{completion}" in self.template, "must contain {completion}"),
+        checks = (("form", self.form in (None, *FORMS), f"must be one of {list(FORMS)}"),
+                  ("template", self.template is None or "{completion}" in self.template or self.form == "conversation",
+                   "must contain {completion} (the form question quotes the reply in it)"),
                   ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
                   ("max_tokens", self.max_tokens >= 8, "must be ≥ 8"))  # fmt: skip
         check_fields(self, checks)
@@ -74,13 +87,27 @@ def verdict_token(tokenizer, word: str, key: str = "reward.judge.model_path") ->
     return extra[0]
 
 
-def trained_template(folder: str) -> str | None:
-    """The template a judge trained by `rlctl rm head=judge` learned to answer (None for any other model)."""
+def trained_judge(folder: str) -> dict:
+    """{"form", "template"} a judge trained by `rlctl rm head=judge` learned to answer ({} for any other model)."""
     import json
     from pathlib import Path
 
     file = Path(folder) / TRAINED_JUDGE_FILE
-    return json.loads(file.read_text())["template"] if file.is_file() else None
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def judge_ids(tokenizer, form: str, template: str, chat: list[dict], completion: str, answer: str = "") -> list[int]:
+    """The token ids a judge reads before its verdict: ``question``, the filled template as one user
+    turn; ``conversation``, the policy's chat, the reply as the assistant's turn, then the filled
+    template as the next user turn; either with the assistant's turn opened."""
+    question = fill_template(template, chat, completion, answer)
+    if form == "question":
+        return judge_prompt_ids(tokenizer, question)
+    if not getattr(tokenizer, "chat_template", None):
+        raise RlctlError("reward.judge.form: conversation needs a judge with a chat template; use form=question")
+    messages = [*chat, {"role": "assistant", "content": completion}, {"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def fill_template(template: str, chat: list[dict], completion: str, answer: str = "") -> str:
@@ -119,9 +146,11 @@ class JudgeReward:
         from rlctl.optim.engine import frozen_for_inference
 
         path = spec.model_path or default_path
-        if spec.template is None:  # a trained judge answers the question it was taught; any other the default
-            spec = replace(spec, template=trained_template(models.resolve(path, "reward.judge.model_path"))
-                           or DEFAULT_TEMPLATE)  # fmt: skip
+        # a trained judge is asked what it was taught (unless the config says otherwise); any other the default
+        taught = trained_judge(models.resolve(path, "reward.judge.model_path"))
+        form = spec.form or taught.get("form", "question")
+        template = spec.template or (taught["template"] if taught.get("form", "question") == form and taught else None)
+        spec = replace(spec, form=form, template=template or DEFAULT_TEMPLATES[form])
         self.spec = spec
         self.tokenizer = models.load_tokenizer(path, trust_remote_code)
         self.yes, self.no = verdict_token(self.tokenizer, "Yes"), verdict_token(self.tokenizer, "No")
@@ -129,15 +158,12 @@ class JudgeReward:
         self.model = frozen_for_inference(model, zero)
         self.autocast = autocast or contextlib.nullcontext
 
-    def questions(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[str]:
-        return [fill_template(self.spec.template, chat, completion, answer)
-                for chat, completion, answer in zip(prompts, completions, answers)]  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
         """σ(z_Yes − z_No) of each sample [N], z the judge's logits at the position after its prompt."""
-        rows = [judge_prompt_ids(self.tokenizer, q)[-self.spec.max_tokens :]
-                for q in self.questions(prompts, completions, answers)]  # fmt: skip
+        rows = [judge_ids(self.tokenizer, self.spec.form, self.spec.template, chat, completion, answer)[-self.spec.max_tokens :]
+                for chat, completion, answer in zip(prompts, completions, answers)]  # fmt: skip
         scores = []
         for start in range(0, len(rows), self.spec.batch_size):
             logits = verdict_logits(self.model, rows[start : start + self.spec.batch_size], self.tokenizer.pad_token_id,
