@@ -228,7 +228,7 @@ class EvalConfig:
     # rising while this one does not): a rule (exact_number, gsm8k, math_verify), reward_model, http or judge (set up
     # by the reward group's keys), or path/to/file.py:function; None = off
     gold: str | None = None
-    gold_patience: int = 2  # warn once when the trained reward rose and the gold did not for this many evaluations in a row
+    gold_patience: int = 2  # warn once when the best gold is this many evaluations old and each since scored a higher trained reward
 
 
 @dataclass

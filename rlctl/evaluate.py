@@ -37,7 +37,7 @@ class EvalSpec:
     pass_k: list[int]  # report pass@k for each k
     batch_size: int  # prompts per generation call
     gold: str | None  # a reward scored on held-out answers only (a term name or file.py:function)
-    gold_patience: int  # evaluations in a row with the trained reward up and the gold not, before the warning
+    gold_patience: int  # evaluations since the best gold, each with a higher trained reward, before the warning
 
     def __post_init__(self) -> None:
         checks = (("every", self.every >= 0, "must be ≥ 0"), ("n_samples", self.n_samples >= 1, "must be ≥ 1"),
@@ -151,20 +151,21 @@ def evaluate_and_log(evaluator: Evaluator | None, policy, logger, step: int, lab
 
 
 def overoptimisation_warning(evaluations: list[dict], patience: int, gold_name: str) -> str | None:
-    """One line when the last ``patience`` evaluations each saw the trained reward rise and the gold
-    reward not rise (fall or stay) since the evaluation before, with the gold lower or equal overall,
-    else None. ``evaluations``: [{"step", "reward", "gold"}] in order (held-out means; gold None = off)."""
+    """One line when the best gold reward so far is at least ``patience`` evaluations old and each
+    of the last ``patience`` evaluations scored a higher trained reward than that best one did (the
+    trained reward rose, the gold did not), else None. ``evaluations``: [{"step", "reward", "gold"}]
+    in order (held-out means; gold None = no eval.gold). The earliest of equal golds is the best, so
+    a gold that stays flat while the reward climbs counts too."""
     scored = [e for e in evaluations if e.get("gold") is not None]
-    if len(scored) < patience + 1:
+    if not scored:
         return None
-    window = scored[-(patience + 1) :]
-    pairs = list(zip(window, window[1:]))
-    if not all(after["reward"] > before["reward"] and after["gold"] <= before["gold"] for before, after in pairs):
+    best = max(range(len(scored)), key=lambda i: (scored[i]["gold"], -i))
+    since, recent, end = scored[best], scored[-patience:], scored[-1]
+    if len(scored) - 1 - best < patience or not all(e["reward"] > since["reward"] for e in recent):
         return None
-    start, end = window[0], window[-1]
     return (
-        f"the trained reward rose and the gold reward ({gold_name}) did not for {patience} evaluations in a row since "
-        f"step {start['step']}: reward {start['reward']:.3f} → {end['reward']:.3f} ({end['reward'] - start['reward']:+.3f}), "
-        f"gold {start['gold']:.3f} → {end['gold']:.3f} ({end['gold'] - start['gold']:+.3f}); the policy may be "
+        f"the trained reward rose and the gold reward ({gold_name}) did not for {patience} evaluations since its best "
+        f"at step {since['step']}: reward {since['reward']:.3f} → {end['reward']:.3f} ({end['reward'] - since['reward']:+.3f}), "
+        f"gold {since['gold']:.3f} → {end['gold']:.3f} ({end['gold'] - since['gold']:+.3f}); the policy may be "
         "fooling its reward (over-optimisation): look at its samples; checkpoint.keep_best=gold keeps the best policy by gold"
     )

@@ -11,8 +11,9 @@ with m_i the pair's margin (its row's ``margin`` plus ``margin`` of the config, 
 ``center_rewards_coefficient`` c > 0 adds c·(1/N) Σ_i (r_c,i + r_r,i)², which keeps the scores near
 zero (Bradley-Terry sees only their differences, so their level drifts otherwise).
 
-``head=judge`` keeps the causal LM whole and teaches it to answer a question about one reply
-(``judge_template``): "Yes" for the chosen reply, "No" for the rejected one (``judge_loss``). Its
+``head=judge`` keeps the causal LM with its own head (whole, or under a LoRA adapter) and teaches it
+to answer a question about one reply (``judge_form``, ``judge_template``): "Yes" for the chosen
+reply, "No" for the rejected one (``judge_loss``). Its
 score of a reply is then σ(z_Yes − z_No), read by ``reward=judge``; a held-out pair counts as right
 when the chosen reply's score is the higher.
 """

@@ -217,7 +217,7 @@ def restore(s: Stages, folder: Path) -> TrainState:
 
 def evaluate(s: Stages, state: TrainState, label: str) -> dict:
     """A held-out evaluation, then what it decides: the over-optimisation warning (the trained reward up,
-    eval.gold not, for eval.gold_patience evaluations in a row) and checkpoints/best (checkpoint.keep_best)."""
+    eval.gold not, for eval.gold_patience evaluations since its best) and checkpoints/best (checkpoint.keep_best)."""
     results = evaluate_and_log(s.evaluator, s.policy, s.logger, state.step, label)
     if not results or "error" in results:
         return results

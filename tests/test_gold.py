@@ -47,25 +47,39 @@ def evaluations(rewards, golds):
     return [{"step": 4 * i, "reward": r, "gold": g} for i, (r, g) in enumerate(zip(rewards, golds))]
 
 
-def test_the_warning_fires_when_the_reward_rose_and_the_gold_did_not_for_patience_evaluations():
-    # Evaluations at steps 0, 4, 8, 12: the trained reward rises from step 4 on; the gold rises
-    # once (0 → 4), then falls (4 → 8) and stays (8 → 12). With patience 2 the window is 4 → 12.
+def test_the_warning_fires_once_the_best_gold_is_patience_evaluations_old_and_the_reward_above_it():
+    # Evaluations at steps 0, 4, 8, 12: the gold is best at step 4 (0.30); at steps 8 and 12 the
+    # trained reward (1.0, 3.5) is above its value at step 4 (−2.0) and the gold is lower (0.25).
     history = evaluations([-5.0, -2.0, 1.0, 3.5], [0.20, 0.30, 0.25, 0.25])
-    assert overoptimisation_warning(history[:3], 2, "exact_number") is None  # only one such evaluation yet
+    assert overoptimisation_warning(history[:3], 2, "exact_number") is None  # one evaluation since the best
     line = overoptimisation_warning(history, 2, "exact_number")
     assert line is not None and "\n" not in line
-    assert "since step 4" in line and "reward -2.000 → 3.500 (+5.500)" in line
+    assert "since its best at step 4" in line and "reward -2.000 → 3.500 (+5.500)" in line
     assert "gold 0.300 → 0.250 (-0.050)" in line and "(exact_number)" in line
     assert overoptimisation_warning(history, 1, "exact_number").startswith("the trained reward rose")
-    assert overoptimisation_warning(history, 3, "exact_number") is None  # 0 → 4 had the gold rising too
+    assert overoptimisation_warning(history, 3, "exact_number") is None  # only two evaluations since the best
+
+
+def test_a_gold_that_zigzags_below_its_best_still_warns():
+    # A GRPO run against a trained judge (2026-12-03): the gold peaked at step 8 (0.364), fell to
+    # 0.045, came back to 0.136, while the judge's reward kept above its step-8 value (0.537).
+    history = evaluations([0.50, 0.52, 0.537, 0.613, 0.625], [0.136, 0.227, 0.364, 0.045, 0.136])
+    assert "since its best at step 8" in overoptimisation_warning(history, 2, "exact_number")
+    # ... but not while the trained reward is back at or below where it was at the best gold
+    assert overoptimisation_warning(evaluations([0.5, 0.537, 0.6, 0.53], [0.1, 0.364, 0.2, 0.1]), 2, "g") is None
+
+
+def test_a_flat_gold_under_a_climbing_reward_warns():
+    # PPO against a Bradley-Terry model (2026-11-24): the rule's accuracy stayed 0.091 while the learned reward rose.
+    line = overoptimisation_warning(evaluations([-5.15, -1.0, 2.0, 3.83], [0.091] * 4), 2, "exact_number")
+    assert "since its best at step 0" in line and "gold 0.091 → 0.091 (+0.000)" in line
 
 
 def test_no_warning_when_both_rise_when_the_reward_falls_or_without_gold():
     assert overoptimisation_warning(evaluations([-5, -2, 1, 3], [0.1, 0.2, 0.3, 0.4]), 2, "g") is None  # monotone
     assert overoptimisation_warning(evaluations([3, 2, 1, 0], [0.4, 0.3, 0.2, 0.1]), 2, "g") is None  # both fall
     assert overoptimisation_warning(evaluations([1, 2, 3, 4], [None] * 4), 1, "g") is None  # no eval.gold
-    # a gold that dips but ends the window higher than it started is not "did not rise" at every evaluation
-    assert overoptimisation_warning(evaluations([1, 2, 3], [0.1, 0.3, 0.2]), 2, "g") is None
+    assert overoptimisation_warning(evaluations([1, 2, 3], [0.1, 0.3, 0.2]), 2, "g") is None  # one since the best
 
 
 # --- eval.gold and checkpoints/best in a run -------------------------------------------------------
