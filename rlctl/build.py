@@ -178,8 +178,8 @@ def config_warnings(cfg: DictConfig, training: bool) -> list[str]:
             f"eval.n_samples={cfg.eval.n_samples} at eval.temperature=0: greedy decoding gives the same completion "
             "every time, so pass@k equals pass@1; set eval.temperature (e.g. 1.0)"
         )
-    trained = {t.name: t.weight for t in reward_settings(cfg.reward)[0].term_list()} if "reward" in cfg else {}
-    if cfg.eval.get("gold") is not None and trained.get(cfg.eval.gold, 0) != 0:
+    trained = {t.name: t.weight for t in reward_settings(cfg.reward)[0].term_list()}
+    if cfg.eval.gold is not None and trained.get(cfg.eval.gold, 0) != 0:
         found.append(
             f"eval.gold={cfg.eval.gold} is a term of the trained reward itself (weight {trained[cfg.eval.gold]:g}): "
             "the gold curve would only repeat the trained one; pick a reward the policy is not trained on"
@@ -291,7 +291,7 @@ def check_gold(cfg: DictConfig) -> None:
                 resolve_rule(gold)
             except RlctlError as err:
                 raise RlctlError(f"eval.gold: {str(err).split(': ', 1)[1]}") from None
-    keep_best = cfg.checkpoint.get("keep_best", "none")
+    keep_best = cfg.checkpoint.keep_best
     if keep_best not in KEEP_BEST:
         raise RlctlError(f"checkpoint.keep_best: must be one of {list(KEEP_BEST)}, got {keep_best!r}")
     if keep_best != "none" and not cfg.eval.enabled:

@@ -17,6 +17,8 @@ it, and only then replaces ``latest`` atomically. A crash at any point leaves th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -204,6 +206,23 @@ def amend_trainer_state(folder: Path, changes: dict[str, Any]) -> None:
 # --- the training run's checkpoints (every rank takes part) ------------------------------------
 
 
+@contextlib.contextmanager
+def disk_full_said(run_dir: Path, tmp: Path):
+    """A write that runs out of disk (an OSError, or safetensors' own error, saying so) becomes one
+    line naming what was being written and what is safe, after the partial folder is removed."""
+    try:
+        yield
+    except Exception as err:
+        if "No space left on device" not in str(err) and getattr(err, "errno", None) != errno.ENOSPC:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RlctlError(
+            f"checkpoint: writing {tmp.name.removesuffix('.tmp')} in {tmp.parent} failed: no space left on device; the "
+            f"last complete checkpoint is {last_good_checkpoint(run_dir)}; free disk space (or lower "
+            "checkpoint.keep_last) and run the same command again to resume"
+        ) from None
+
+
 def write_checkpoint(
     run_dir: Path, step: int, engines: dict, tokenizer, ranks, keep_last: int, trainer_state: dict
 ) -> Path:
@@ -212,12 +231,13 @@ def write_checkpoint(
     atomically. Every rank calls."""
     tmp = begin_checkpoint(run_dir / "checkpoints", step, ranks.is_main)
     barrier()
-    for index, (name, engine) in enumerate(engines.items()):
-        engine.save(tmp / name, tokenizer if index == 0 else None)
-    save_rng(tmp, ranks.rank)
+    with disk_full_said(run_dir, tmp):
+        for index, (name, engine) in enumerate(engines.items()):
+            engine.save(tmp / name, tokenizer if index == 0 else None)
+        save_rng(tmp, ranks.rank)
+        if ranks.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     path = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    if ranks.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     barrier()
     if ranks.is_main:
         path = commit_checkpoint(tmp, keep_last)
@@ -233,7 +253,8 @@ def export_model(run_dir: Path, engine, tokenizer, ranks, name: str = "final") -
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    engine.save(tmp, tokenizer, training_state=False)
+    with disk_full_said(run_dir, tmp):
+        engine.save(tmp, tokenizer, training_state=False)
     barrier()
     if ranks.is_main:
         publish_folder(tmp, final)

@@ -216,3 +216,21 @@ def test_a_user_reward_trains_end_to_end_and_errors_are_logged(tmp_path):
     train_steps(tmp_path / "run", f"reward.fn={reward_file}:score", "steps=2")
     rows = step_rows(tmp_path / "run")
     assert rows[1]["reward/errors"] > 0 and "reward/errors" in rows[2]
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_folder(tmp_path):
+    import errno
+
+    from rlctl.checkpoint import write_checkpoint
+    from rlctl.distributed import Ranks
+
+    class DiskFills:  # an engine whose save writes part of its files, then finds the disk full
+        def save(self, folder, tokenizer, training_state=True):
+            folder.mkdir(parents=True)
+            (folder / "model.safetensors").write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(RlctlError, match=r"^checkpoint: writing step-000003 in .* failed: no space left on device; "
+                                         r"the last complete checkpoint is none"):  # fmt: skip
+        write_checkpoint(tmp_path, 3, {"policy": DiskFills()}, None, Ranks(), 2, {})
+    assert list((tmp_path / "checkpoints").glob("step-*")) == []
