@@ -48,7 +48,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if any(key in row for key in STEP_KEYS):
             by_step[row["step"]] = row
         elif any(key.startswith("eval/") for key in row):
-            evals[row["step"]] = row
+            evals.setdefault(row["step"], {}).update(row)  # a step may log several eval rows (a warning)
     rows = [by_step[k] for k in sorted(by_step)]
     for row in rows:
         row.update({k: v for k, v in evals.get(row["step"], {}).items() if k.startswith("eval/")})

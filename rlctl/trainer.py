@@ -192,8 +192,9 @@ def save_resumable(s: Stages, state: TrainState) -> Path:
         "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
         "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
         "consecutive_reward_failures": state.consecutive_reward_failures, "evaluations": state.evaluations,
-        "gold_warned": state.gold_warned, "best": state.best, "sampler": s.sampler.state_dict(), "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None,
-        "world_size": s.ranks.world_size, "config": s.config,
+        "gold_warned": state.gold_warned, "best": state.best, "sampler": s.sampler.state_dict(),
+        "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None, "world_size": s.ranks.world_size,
+        "config": s.config,
     }  # fmt: skip
     return write_checkpoint(s.run_dir, state.step, _engines(s), s.tokenizer, s.ranks, s.checkpoints.keep_last,
                             trainer_state)  # fmt: skip

@@ -273,3 +273,14 @@ def test_the_conversation_form_continues_the_policys_chat(tokenizer):
         "<|im_start|>assistant\n7<|im_end|>\n<|im_start|>user\nIs your answer correct? Answer Yes or No.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def test_a_warning_logged_at_an_evaluation_step_keeps_that_evaluation_in_the_curves(tmp_path):
+    # The warning is its own metrics row at the evaluation's step: it must add to that row, not replace it.
+    from rlctl.report import read_metrics
+
+    rows = [{"step": 8, "reward/mean": 0.5}, {"step": 8, "eval/accuracy": 0.36, "eval/gold_mean": 0.36},
+            {"step": 8, "eval/overoptimisation_warning": 1.0}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = read_metrics(tmp_path)
+    assert row["eval/accuracy"] == 0.36 and row["eval/overoptimisation_warning"] == 1.0
