@@ -223,7 +223,7 @@ def evaluate(s: Stages, state: TrainState, label: str) -> dict:
     if not results or "error" in results:
         return results
     state.evaluations.append({"step": state.step, "reward": results["reward_mean"], "gold": results.get("gold_mean")})
-    warning = overoptimisation_warning(state.evaluations, s.gold_patience, s.evaluator.gold_name)
+    warning = overoptimisation_warning(state.evaluations, s.gold_patience, getattr(s.evaluator, "gold_name", "gold"))
     if warning and not state.gold_warned:
         state.gold_warned = True
         s.logger.message(f"[bold yellow]warning: {warning}")
