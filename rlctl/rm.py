@@ -165,17 +165,11 @@ def encode_judge_questions(pairs, tokenizer, form: str, template: str, max_token
     """Each pair as two questions to the judge (``template`` about the chosen reply, then about the
     rejected one, in ``form``), as the judge reward asks them; a pair with a question longer than
     ``max_tokens`` is skipped."""
-    kept, chosen_ids, rejected_ids, skipped = [], [], [], 0
-    for pair in pairs:
-        chosen, rejected = (judge_ids(tokenizer, form, template, pair.prompt, reply_text(reply))
-                            for reply in (pair.chosen, pair.rejected))  # fmt: skip
-        if max(len(chosen), len(rejected)) > max_tokens:
-            skipped += 1
-            continue
-        kept.append(pair)
-        chosen_ids.append(chosen)
-        rejected_ids.append(rejected)
-    return EncodedPairs(kept, chosen_ids, rejected_ids, skipped)
+
+    def question(prompt: list[dict], reply: list[dict]) -> list[int]:
+        return judge_ids(tokenizer, form, template, prompt, reply_text(reply))
+
+    return encode_pairs(pairs, tokenizer, max_tokens, encode=question)
 
 
 @dataclass

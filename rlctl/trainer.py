@@ -310,9 +310,10 @@ def train(s: Stages) -> dict:
             elif s.evaluator is not None:
                 summary["after"] = evaluate(s, state, "after training")
                 summary["best"] = state.best
-                if s.ranks.is_main and latest_checkpoint(s.run_dir) is not None:  # so a resumed run keeps them
-                    amend_trainer_state(latest_checkpoint(s.run_dir), {"evaluations": state.evaluations,
-                                        "gold_warned": state.gold_warned, "best": state.best})  # fmt: skip
+                last = latest_checkpoint(s.run_dir)
+                if s.ranks.is_main and last is not None:  # so a resumed run keeps what the evaluation decided
+                    amend_trainer_state(last, {"evaluations": state.evaluations, "gold_warned": state.gold_warned,
+                                               "best": state.best})  # fmt: skip
                 (s.run_dir / "eval.json").write_text(
                     json.dumps({k: summary[k] for k in ("before", "after", "best") if summary[k] is not None}, indent=2)
                     + "\n"

@@ -230,15 +230,20 @@ class EncodedPairs:
         return len(self.pairs)
 
 
-def encode_pairs(pairs: list[PreferencePair], tokenizer, max_tokens: int) -> EncodedPairs:
-    """Both sides of each pair as the model reads them (its chat template when it has one); a pair
-    with a side longer than ``max_tokens`` is skipped (cutting it could cut what decides it)."""
+def encode_pairs(pairs: list[PreferencePair], tokenizer, max_tokens: int, encode=None) -> EncodedPairs:
+    """Both sides of each pair as the model reads them: ``encode(prompt, reply)`` -> token ids, by
+    default the whole conversation (its chat template when it has one); a pair with a side longer
+    than ``max_tokens`` is skipped (cutting it could cut what decides it)."""
     from rlctl.rewards.model import encode_conversation
+
+    if encode is None:
+
+        def encode(prompt: Messages, reply: Messages) -> list[int]:
+            return encode_conversation(tokenizer, prompt + reply)
 
     kept, chosen_ids, rejected_ids, skipped = [], [], [], 0
     for pair in pairs:
-        chosen = encode_conversation(tokenizer, pair.prompt + pair.chosen)
-        rejected = encode_conversation(tokenizer, pair.prompt + pair.rejected)
+        chosen, rejected = encode(pair.prompt, pair.chosen), encode(pair.prompt, pair.rejected)
         if max(len(chosen), len(rejected)) > max_tokens:
             skipped += 1
             continue
