@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib.util
 import inspect
 import math
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlctl.errors import RlctlError, check_fields
+from rlctl.user_code import load_from_file
 
 RULES: dict[str, Callable[..., float]] = {}
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -90,22 +90,8 @@ def format_match(completion: str, answer: str, pattern: str | None = None) -> fl
 def load_user_reward(spec: str, key: str = "reward.fn") -> Callable[..., float]:
     """A reward function from a file: ``"path/to/my_reward.py:score"``, where ``score(completion, answer)``
     returns a float (or step rewards, see the module docstring). ``key`` names the setting in errors."""
-    path, _, name = spec.rpartition(":")
-    if not path.endswith(".py") or not name:
-        raise RlctlError(f"{key}: expected 'path/to/file.py:function', got {spec!r}")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise RlctlError(f"{key}: file not found: {file}")
-    module_spec = importlib.util.spec_from_file_location(f"rlctl_user_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's module may raise anything while importing
-        raise RlctlError(f"{key}: importing {file} failed: {type(err).__name__}: {err}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise RlctlError(f"{key}: {file} defines no function {name!r} (it defines: {defined})")
+    fn = load_from_file(spec, key, "function")
+    file, name = Path(spec.rpartition(":")[0]).expanduser(), spec.rpartition(":")[2]
     signature = inspect.signature(fn)
     if "completions" in signature.parameters:  # TRL's batched convention
         answers_name = "answers" if "answers" in signature.parameters else "answer"

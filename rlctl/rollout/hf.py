@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +35,15 @@ class SamplingParams:
             ("batch_size", self.batch_size >= 1, "must be ≥ 1"),
         )
         check_fields(self, checks)
+
+
+class Sampled(NamedTuple):
+    """One sampled continuation: its token ids (EOS included when it ended), the rollout engine's
+    log-prob of each (None when the backend gives none), and whether it ended with EOS."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    ended: bool
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,16 +124,39 @@ class HFRollout:
         answers: list[str],
         group_size: int,
         prompt_texts: list[str] | None = None,
+        conversations: list[list[dict]] | None = None,
     ) -> Batch:
         """Sample ``group_size`` completions for each prompt; rows p·G … p·G+G−1 belong to prompt p.
 
         ``policy``: an engine (or ``FrozenPolicy``); under ZeRO-3 its weights are gathered once for
         the whole rollout. ``prompt_texts`` are what sample tables show (default: the decoded
-        prompt, template included).
+        prompt, template included). ``conversations`` (the chats the prompts stand for) start the
+        environments of a multi-turn rollout; one turn has no use for them.
         """
-        p = self.params
         repeated = [ids for ids in prompt_ids for _ in range(group_size)]
         prompt, prompt_mask = left_pad(repeated, self.tokenizer.pad_token_id)
+        responses = self._sample(policy, prompt, prompt_mask, self.params.max_new_tokens)
+        response_mask = response_mask_until_eos(responses, self.eos_ids)
+        return assemble(
+            self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts
+        )
+
+    @torch.no_grad()
+    def complete(self, policy, sequences: list[list[int]], max_new_tokens: int) -> list[Sampled]:
+        """One continuation of each token sequence (a turn of a conversation), up to and including
+        EOS or ``max_new_tokens`` tokens. No log-probs: the sampling model is the trained one."""
+        prompt, prompt_mask = left_pad(sequences, self.tokenizer.pad_token_id)
+        responses = self._sample(policy, prompt, prompt_mask, max_new_tokens)
+        lengths = response_mask_until_eos(responses, self.eos_ids).sum(dim=1).int().tolist()
+        return [
+            Sampled(row[:n], None, n > 0 and row[n - 1] in self.eos_ids)
+            for row, n in zip(responses.tolist(), lengths)
+        ]
+
+    def _sample(self, policy, prompt: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """[B, Lp] left-padded prompts -> [B, T] sampled tokens (pad after EOS), in chunks of
+        ``batch_size`` rows. Under ZeRO-3 the weights are gathered once for all chunks."""
+        p = self.params
         sampling = (
             {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
             if p.temperature > 0
@@ -138,18 +171,14 @@ class HFRollout:
                 rows = slice(start, start + p.batch_size)
                 with self.autocast():
                     out = model.generate(
-                        input_ids=prompt[rows], attention_mask=prompt_mask[rows], max_new_tokens=p.max_new_tokens,
+                        input_ids=prompt[rows], attention_mask=prompt_mask[rows], max_new_tokens=max_new_tokens,
                         eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling,
                     )  # fmt: skip
                 chunks.append(out[:, prompt.shape[1] :])
             model.train(was_training)
         width = max(c.shape[1] for c in chunks)
-        responses = torch.cat(
+        return torch.cat(
             [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks]
-        )
-        response_mask = response_mask_until_eos(responses, self.eos_ids)
-        return assemble(
-            self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts
         )
 
 

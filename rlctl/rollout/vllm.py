@@ -30,7 +30,7 @@ import torch
 from rlctl.batch import Batch
 from rlctl.errors import RlctlError, check_fields
 from rlctl.models import in_checkpoint_layout
-from rlctl.rollout.hf import SamplingParams, assemble, eos_token_ids, left_pad
+from rlctl.rollout.hf import Sampled, SamplingParams, assemble, eos_token_ids, left_pad
 
 # The engine must live in this process to receive the weights by reference (vLLM's default puts it
 # in a child process, which would need a copy of every tensor sent over a pipe).
@@ -268,41 +268,60 @@ class VLLMRollout:
         answers: list[str],
         group_size: int,
         prompt_texts: list[str] | None = None,
+        conversations: list[list[dict]] | None = None,
     ) -> Batch:
         """Sample ``group_size`` completions for each prompt with the policy's current weights
         (copied in first if the engine's are older); rows p·G … p·G+G−1 belong to prompt p.
-        The batch carries ``rollout_logprobs`` [B, T] when sampling (temperature > 0)."""
-        from vllm import SamplingParams as VLLMSampling
-
-        p = self.params
-        self.load_weights_of(policy)
-        sampled = p.temperature > 0
-        sampling = VLLMSampling(
-            n=group_size,
-            temperature=p.temperature,
-            top_p=p.top_p if sampled else 1.0,
-            top_k=p.top_k if (sampled and p.top_k > 0) else -1,
-            max_tokens=p.max_new_tokens,
-            stop_token_ids=self.eos_ids,
-            logprobs=0 if sampled else None,  # 0: the sampled token's own log-prob only
-            detokenize=False,
-        )
-        outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling, use_tqdm=False)
-        self.engine.sleep()
-        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
-        rows = [list(c.token_ids) for c in completions]
-        width = max(1, max(len(r) for r in rows))
-        responses = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        response_mask = torch.zeros((len(rows), width))
-        logprobs = torch.zeros((len(rows), width)) if sampled else None
-        for i, (row, c) in enumerate(zip(rows, completions)):
-            responses[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            response_mask[i, : len(row)] = 1.0  # vLLM stops after the first EOS and keeps it, as hf does
+        The batch carries ``rollout_logprobs`` [B, T] when sampling (temperature > 0).
+        ``conversations`` are for a multi-turn rollout; one turn has no use for them."""
+        completions = self._sample(policy, prompt_ids, group_size, self.params.max_new_tokens)
+        width = max(1, max(len(c.token_ids) for c in completions))
+        responses = torch.full((len(completions), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(completions), width))
+        sampled = self.params.temperature > 0
+        logprobs = torch.zeros((len(completions), width)) if sampled else None
+        for i, c in enumerate(completions):
+            n = len(c.token_ids)
+            responses[i, :n] = torch.tensor(c.token_ids, dtype=torch.long)
+            response_mask[i, :n] = 1.0  # vLLM stops after the first EOS and keeps it, as hf does
             if logprobs is not None:
-                logprobs[i, : len(row)] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, row)])
+                logprobs[i, :n] = torch.tensor(c.logprobs)
         prompt, prompt_mask = left_pad(
             [ids for ids in prompt_ids for _ in range(group_size)], self.tokenizer.pad_token_id
         )
         return assemble(
             self.tokenizer, prompt, prompt_mask, responses, response_mask, answers, group_size, prompt_texts, logprobs
         )
+
+    @torch.no_grad()
+    def complete(self, policy, sequences: list[list[int]], max_new_tokens: int) -> list[Sampled]:
+        """One continuation of each token sequence (a turn of a conversation), sent as token ids
+        (the engine's prefix cache makes a conversation's shared beginning cheap), with the
+        engine's log-prob of each sampled token when sampling."""
+        return self._sample(policy, sequences, 1, max_new_tokens)
+
+    def _sample(self, policy, prompt_ids: list[list[int]], n: int, max_new_tokens: int) -> list[Sampled]:
+        """``n`` continuations of each prompt, prompt by prompt, as token ids and log-probs."""
+        from vllm import SamplingParams as VLLMSampling
+
+        p = self.params
+        self.load_weights_of(policy)
+        sampled = p.temperature > 0
+        sampling = VLLMSampling(
+            n=n,
+            temperature=p.temperature,
+            top_p=p.top_p if sampled else 1.0,
+            top_k=p.top_k if (sampled and p.top_k > 0) else -1,
+            max_tokens=max_new_tokens,
+            stop_token_ids=self.eos_ids,
+            logprobs=0 if sampled else None,  # 0: the sampled token's own log-prob only
+            detokenize=False,
+        )
+        outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling, use_tqdm=False)
+        self.engine.sleep()
+        made = []
+        for c in (c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)):
+            ids = list(c.token_ids)
+            logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)] if sampled else None
+            made.append(Sampled(ids, logprobs, bool(ids) and ids[-1] in self.eos_ids))
+        return made
