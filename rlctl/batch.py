@@ -14,7 +14,9 @@ class Batch:
     """B = P prompts × G completions, in group order; L = prompt + response length; T = response length.
 
     input_ids [B, L] holds the left-padded prompt then the right-padded response;
-    response_mask [B, T] is 1 on generated tokens up to and including EOS.
+    response_mask [B, T] is 1 on generated tokens up to and including EOS: the tokens that are trained.
+    A multi-turn response also holds observations (tool results): attended (attention_mask 1) but
+    never trained (response_mask 0), so the attended response of a row may be longer than its mask.
     """
 
     input_ids: torch.Tensor  # [B, L] long
@@ -35,6 +37,10 @@ class Batch:
     token_rewards: torch.Tensor | None = None  # [B, T] what the advantage estimator credits
     advantages: torch.Tensor | None = None  # [B] or [B, T]
     returns: torch.Tensor | None = None  # [B, T] critic targets
+    turn_rewards: torch.Tensor | None = None  # [B, T] an environment's per-turn rewards on each turn's last token
+    conversations: list[list[dict]] | None = None  # [B] multi-turn: every message of the episode
+    env_stats: dict[str, torch.Tensor] | None = None  # multi-turn: name -> [B] per-trajectory counts
+    env_errors: list[str] | None = None  # [B] multi-turn: what the environment raised ("" when nothing)
 
     @property
     def response_length(self) -> int:
@@ -60,7 +66,7 @@ class Batch:
         prompt_width = width - self.response_length
         attended = self.attention_mask[:, :prompt_width].any(dim=0).nonzero()
         first = int(attended[0]) if len(attended) else prompt_width
-        keep = max(int(self.response_mask.sum(dim=1).max()) if self.size else 0, 1)
+        keep = max(int(self.attention_mask[:, prompt_width:].sum(dim=1).max()) if self.size else 0, 1)
         if first == 0 and keep == self.response_length:
             return self
         picked = {}
@@ -80,6 +86,8 @@ class Batch:
                 picked[name] = value[index]
             elif isinstance(value, list):
                 picked[name] = [value[i] for i in index.tolist()]
+            elif isinstance(value, dict):
+                picked[name] = {k: v[index] for k, v in value.items()}
             else:
                 picked[name] = value
         return Batch(**picked)
@@ -102,6 +110,7 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
             "length_penalty",
             "step_rewards",
             "rollout_logprobs",
+            "turn_rewards",
         )
     }
     offset = 0
@@ -123,7 +132,9 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
         )
         parts["response_mask"].append(pad(b.response_mask, (0, right)))
         parts["step_rewards"].append(None if b.step_rewards is None else pad(b.step_rewards, (0, right)))
-        parts["rollout_logprobs"].append(None if b.rollout_logprobs is None else pad(b.rollout_logprobs, (0, right)))
+        for name in ("rollout_logprobs", "turn_rewards"):
+            value = getattr(b, name)
+            parts[name].append(None if value is None else pad(value, (0, right)))
         parts["group_ids"].append(b.group_ids - b.group_ids.min() + offset)
         offset = int(parts["group_ids"][-1].max()) + 1
         parts["scores"].append(b.scores)
@@ -131,7 +142,12 @@ def concat(batches: list[Batch], pad_id: int) -> Batch:
         parts["length_penalty"].append(b.length_penalty)
     tensors = {k: (torch.cat(v) if all(t is not None for t in v) else None) for k, v in parts.items()}
     lists = {k: [x for b in batches for x in getattr(b, k)] for k in ("prompts", "completions", "answers")}
-    return Batch(**tensors, **lists)
+    for name in ("conversations", "env_errors"):
+        given = [getattr(b, name) for b in batches]
+        lists[name] = [x for v in given for x in v] if all(v is not None for v in given) else None
+    stats = [b.env_stats for b in batches]
+    env_stats = {k: torch.cat([s[k] for s in stats]) for k in stats[0]} if all(s is not None for s in stats) else None
+    return Batch(**tensors, **lists, env_stats=env_stats)
 
 
 def scored_batch_metrics(batch: Batch) -> dict[str, float]:
@@ -148,6 +164,8 @@ def scored_batch_metrics(batch: Batch) -> dict[str, float]:
         "advantages/mean": float(ops.masked_mean(batch.advantages, adv_mask)),
         "advantages/std": float(ops.masked_var(batch.advantages, adv_mask).sqrt()),
     }
+    if batch.env_stats is not None:  # per trajectory, averaged: turns, tool calls and errors, truncation, drift
+        metrics.update({f"env/{name}": float(values.float().mean()) for name, values in batch.env_stats.items()})
     if batch.values is not None:
         residual_var = ops.masked_var(batch.returns - batch.values, mask)
         metrics["value/mean"] = float(ops.masked_mean(batch.values, mask))
@@ -160,10 +178,29 @@ def scored_batch_metrics(batch: Batch) -> dict[str, float]:
 
 
 def sample_rows(batch: Batch, count: int) -> list[dict]:
-    """``count`` rows spread over the batch, for sample tables."""
+    """``count`` rows spread over the batch, for sample tables (a multi-turn row shows its whole
+    conversation after the prompt: replies, tool calls and results)."""
     stride = max(1, batch.size // max(1, count))
     return [
-        {"prompt": batch.prompts[i], "completion": batch.completions[i], "answer": batch.answers[i],
+        {"prompt": batch.prompts[i], "completion": _shown_completion(batch, i), "answer": batch.answers[i],
          "reward": float(batch.scores[i]), "correct": bool(batch.correct[i]) if batch.correct is not None else None}
         for i in range(0, batch.size, stride)[:count]
     ]  # fmt: skip
+
+
+def episode_text(messages: list[dict]) -> str:
+    """A multi-turn episode after its first user message, one "[role] content" line per message."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), -1)
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in messages[first_user + 1 :])
+
+
+def _shown_completion(batch: Batch, row: int) -> str:
+    return batch.completions[row] if batch.conversations is None else episode_text(batch.conversations[row])
+
+
+def reward_chats(batch: Batch, conversations: list[list[dict]], group_size: int) -> list[list[dict]]:
+    """What the reward terms see before the reply they score: the prompt's chat, or in a multi-turn
+    episode every message before the final reply (tool calls and results included)."""
+    if batch.conversations is not None:
+        return [messages[:-1] for messages in batch.conversations]
+    return [chat for chat in conversations for _ in range(group_size)]

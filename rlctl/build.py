@@ -22,9 +22,10 @@ from rlctl.algos.correction import MismatchCorrection
 from rlctl.checkpoint import CheckpointPolicy, drop_metrics_after, read_trainer_state, resolve_resume
 from rlctl.config import fill
 from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
-from rlctl.data.prompts import PromptFormat
+from rlctl.data.prompts import PromptFormat, render_messages, uses_chat_template
 from rlctl.data.sources import SOURCES, SourceSpec
 from rlctl.distributed import Ranks, init_process_group, launched_ranks
+from rlctl.envs import EnvSpec, Task, checked_messages, environment_factory
 from rlctl.errors import RlctlError, check_fields
 from rlctl.evaluate import EvalSpec, Evaluator
 from rlctl.logging import ConsoleSink, JsonlSink, LogFileSink, Loggers, LogSpec, WandbSink
@@ -51,6 +52,7 @@ from rlctl.rewards.judge import JudgeReward, JudgeSpec
 from rlctl.rewards.model import ModelReward, ModelRewardSpec, check_reward_model_config
 from rlctl.rewards.rules import SCORERS, RewardSpec, Term, load_user_reward, resolve_rule
 from rlctl.rollout import BACKENDS, HFRollout, SamplingParams
+from rlctl.rollout.multiturn import EnvironmentRollout
 from rlctl.rollout.vllm import VLLMSpec
 from rlctl.stages import Stages
 
@@ -110,6 +112,15 @@ class TrainSettings:
     layout: BatchLayout
     ranks: Ranks
     lora: LoraSpec
+    env: EnvSpec  # multi-turn: the environment (env=none: one reply per prompt)
+
+
+def env_settings(env: DictConfig, sampling: SamplingParams) -> tuple[EnvSpec, int]:
+    """The ``env`` group, checked (a user's class loads and has reset/step), and the most tokens a
+    response may hold: ``rollout.max_new_tokens``, or a whole trajectory's replies and observations."""
+    spec = fill("env", env, EnvSpec)
+    environment_factory(spec)
+    return spec, spec.total_tokens(sampling.max_new_tokens) if spec.enabled else sampling.max_new_tokens
 
 
 def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSettings:
@@ -122,7 +133,8 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
     reward_settings(cfg.reward)
     check_precision(cfg.engine.precision)
     sampling, vllm, correction = rollout_settings(cfg.rollout)
-    algo = fill("algo", cfg.algo, Algorithm, max_new_tokens=sampling.max_new_tokens)
+    env, response_tokens = env_settings(cfg.env, sampling)
+    algo = fill("algo", cfg.algo, Algorithm, max_new_tokens=response_tokens)
     critic = fill("critic", cfg.critic, CriticSpec)
     source, prompt_format = fill("data", cfg.data, SourceSpec, PromptFormat)
     if source.source not in SOURCES:
@@ -134,7 +146,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         prompts_per_step=cfg.prompts_per_step, group_size=algo.group_size, world_size=ranks.world_size,
         minibatch_size=optim.minibatch_size, micro_batch_size=optim.micro_batch_size,
         num_iterations=algo.num_iterations, max_prompt_tokens=prompt_format.max_prompt_tokens,
-        max_new_tokens=sampling.max_new_tokens, fixed_accumulation=cfg.deepspeed.enabled,
+        max_new_tokens=response_tokens, fixed_accumulation=cfg.deepspeed.enabled,
         max_tokens_per_micro_batch=optim.max_tokens_per_micro_batch, share_prompts=optim.share_prompts,
     )  # fmt: skip
     zero = fill("deepspeed", cfg.deepspeed, ZeroSpec, precision=cfg.engine.precision, world_size=ranks.world_size,
@@ -161,7 +173,7 @@ def read_train_settings(cfg: DictConfig, ranks: Ranks | None = None) -> TrainSet
         zero=zero, sampling=sampling, vllm=vllm, correction=correction, source=source, prompt_format=prompt_format,
         eval=fill("eval", cfg.eval, EvalSpec), log=fill("logger", cfg.logger, LogSpec),
         checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy, KeepBest)[0], layout=layout, ranks=ranks,
-        lora=fill("model.lora", cfg.model.lora, LoraSpec),
+        lora=fill("model.lora", cfg.model.lora, LoraSpec), env=env,
     )  # fmt: skip
 
 
@@ -401,21 +413,51 @@ def rollout_sequences(cfg: DictConfig) -> int:
 def build_rollout(
     cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: EngineFolder | None
 ):
-    """The rollout backend: ``hf`` generates with the policy's model; ``vllm`` starts its engine here."""
+    """The rollout backend: ``hf`` generates with the policy's model; ``vllm`` starts its engine here.
+    With an environment (``env``), the backend is driven turn by turn (``EnvironmentRollout``)."""
+    env, response_tokens = env_settings(cfg.env, sampling)
+    make_env = environment_factory(env)
+    env_prompt_tokens = environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling) if make_env else 0
     if sampling.backend == "hf":
-        return HFRollout(tokenizer, sampling, autocast)
-    from rlctl.rollout.vllm import VLLMEngine, VLLMRollout
+        backend = HFRollout(tokenizer, sampling, autocast)
+    else:
+        from rlctl.rollout.vllm import VLLMEngine, VLLMRollout
 
+        try:
+            engine = VLLMEngine(
+                model_folder.path, vllm, cfg.engine.precision,
+                max_model_len=cfg.data.max_prompt_tokens + env_prompt_tokens + response_tokens,
+                seed=cfg.engine.seed + launched_ranks().rank, max_sequences=rollout_sequences(cfg),
+            )  # fmt: skip
+        finally:
+            if model_folder.temporary:
+                shutil.rmtree(model_folder.path, ignore_errors=True)
+        backend = VLLMRollout(tokenizer, sampling, engine)
+    if make_env is None:
+        return backend
+    return EnvironmentRollout(backend, tokenizer, make_env, env, cfg.data.chat_template)
+
+
+def environment_prompt_tokens(make_env, tokenizer, chat_template: bool, sampling: SamplingParams) -> int:
+    """What an environment's first messages add to a prompt (a tool environment's descriptions), in
+    tokens, from one reset on an empty question; and for a tool environment, a one-line refusal when
+    ``rollout.max_new_tokens`` cannot hold its shortest tool call."""
+    env = make_env()
+    where = f"env: {type(env).__name__}.reset"
     try:
-        engine = VLLMEngine(
-            model_folder.path, vllm, cfg.engine.precision,
-            max_model_len=cfg.data.max_prompt_tokens + sampling.max_new_tokens,
-            seed=cfg.engine.seed + launched_ranks().rank, max_sequences=rollout_sequences(cfg),
-        )  # fmt: skip
-    finally:
-        if model_folder.temporary:
-            shutil.rmtree(model_folder.path, ignore_errors=True)
-    return VLLMRollout(tokenizer, sampling, engine)
+        first = checked_messages(env.reset(Task([{"role": "user", "content": ""}], "")), where)
+    except RlctlError:
+        raise
+    except Exception as err:  # the user's environment may raise anything
+        raise RlctlError(f"{where} raised {type(err).__name__} on a task with an empty question: {err}") from None
+    text, has_special = render_messages(first, uses_chat_template(chat_template, tokenizer), tokenizer)
+    shortest = getattr(env, "shortest_call", None)
+    if shortest is not None:
+        needed = len(tokenizer(shortest(), add_special_tokens=False)["input_ids"]) + 1  # and the end-of-turn token
+        if sampling.max_new_tokens < needed:
+            raise RlctlError(f"rollout.max_new_tokens={sampling.max_new_tokens}: too small for one tool call of "
+                             f"{type(env).__name__} ({needed} tokens: {shortest()}); raise it to 64 or more")  # fmt: skip
+    return len(tokenizer(text, add_special_tokens=not has_special)["input_ids"])
 
 
 def build_evaluator(

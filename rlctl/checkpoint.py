@@ -60,6 +60,7 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     consecutive_reward_failures: int = 0  # steps in a row where a reward term failed on every sample
+    consecutive_tool_failures: int = 0  # steps in a row where every tool call of a multi-turn rollout failed
     eval_before: dict | None = None
     evaluations: list = field(default_factory=list)  # [{"step", "reward", "gold"}]: every held-out evaluation's means
     gold_warned: bool = False  # the over-optimisation warning was given (once a run)

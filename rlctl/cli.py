@@ -179,8 +179,8 @@ def _offline_stages() -> dict:
 # What `rlctl eval` / `rlctl generate` take from a run folder (or a recipe): how the run asked its
 # questions (data and prompt format), how it judged them (reward) and how it sampled (rollout).
 # `rlctl train` from an `rlctl sft` model takes the task format that model was taught the same way.
-SETTINGS_FROM_RUN = {"eval": ("data", "reward", "rollout"), "generate": ("data", "rollout"),
-                     "train": ("data", "reward", "rollout")}  # fmt: skip
+SETTINGS_FROM_RUN = {"eval": ("data", "reward", "rollout", "env"), "generate": ("data", "rollout", "env"),
+                     "train": ("data", "reward", "rollout", "env")}  # fmt: skip
 
 
 def run_folder_of(model_path: str) -> Path | None:
@@ -280,7 +280,8 @@ def task_settings_of(run: Path, config) -> dict:
     known = {f.name for f in dataclasses.fields(DataConfig)}
     data = {k: v for k, v in config.get("data", {}).items() if k in known}
     if "algo" in config:  # rlctl train
-        return {"data": config["data"], "reward": config["reward"], "rollout": config["rollout"]}
+        return {"data": config["data"], "reward": config["reward"], "rollout": config["rollout"],
+                **({"env": config["env"]} if "env" in config else {})}  # fmt: skip
     if "examples_per_step" in config:  # rlctl sft
         return {"data": data, "reward": config["reward"], "rollout": {"max_new_tokens": config["eval"]["max_new_tokens"]}}
     if "loss_type" in config:  # rlctl dpo
@@ -420,6 +421,7 @@ def run_eval(cfg) -> dict:
 def run_generate(cfg) -> list:
     from rich.table import Table
 
+    from rlctl.batch import episode_text
     from rlctl.build import build_inference, build_prompts
     from rlctl.config import fill
     from rlctl.data import Example, encode_prompts
@@ -442,13 +444,15 @@ def run_generate(cfg) -> list:
         _, prompts = build_prompts(cfg, tokenizer)
         first = slice(0, cfg.num_prompts)
         prompts = type(prompts)(prompts.examples[first], prompts.token_ids[first], prompts.conversations[first], 0, 0)
-    batch = rollout.generate(policy, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n)
+    batch = rollout.generate(policy, prompts.token_ids, [e.answer for e in prompts.examples], cfg.n,
+                             conversations=prompts.conversations)  # fmt: skip
     table = Table(title=f"{cfg.model.path}: {len(batch.completions)} completions", show_lines=True)
     table.add_column("prompt", overflow="fold")
-    table.add_column("completion", overflow="fold")
+    table.add_column("completion" if batch.conversations is None else "conversation (env)", overflow="fold")
     for i, completion in enumerate(batch.completions):
         example = prompts.examples[i // cfg.n]
-        table.add_row(example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt), completion)
+        shown = completion if batch.conversations is None else episode_text(batch.conversations[i])
+        table.add_row(escape(example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt)), escape(shown))
     Console().print(table)
     return batch.completions
 

@@ -181,6 +181,17 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str = "none"  # none (one reply per prompt) | calculator (a tool that works out arithmetic) | custom (env.cls)
+    cls: str | None = None  # custom: path/to/file.py:ClassName, a class with reset(task) -> messages and step(reply) -> Step
+    max_turns: int = 4  # replies of the policy per trajectory (each up to rollout.max_new_tokens)
+    max_observation_tokens: int = 64  # longer observations (tool results) are cut to this many tokens, and counted
+    max_total_tokens: int = 0  # replies and observations of one trajectory together (0 = what max_turns allows)
+    mask_truncated: bool = False  # trajectories that hit a limit (or whose environment failed) take no part in the loss
+    tool_timeout_s: float = 5.0  # a tool call running longer returns an error to the policy (and counts as a tool error)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 2e-5  # AdamW learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW β1, β2
@@ -263,6 +274,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)  # multi-turn: the environment the policy acts in
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -284,6 +296,7 @@ class EvalCommandConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)  # multi-turn: the environment the policy acts in
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: str | None = None  # write the results as JSON here too
@@ -294,6 +307,7 @@ class GenerateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)  # multi-turn: the environment the policy acts in
     engine: EngineConfig = field(default_factory=EngineConfig)
     prompts: list[str] = field(default_factory=list)  # prompts to complete; empty: take from the dataset
     num_prompts: int = 4  # dataset prompts to take when `prompts` is empty

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from rich.markup import escape
 
+from rlctl.batch import reward_chats
 from rlctl.data.prompts import PromptSet
 from rlctl.errors import RlctlError, check_fields
 from rlctl.rewards import WeightedRewards
@@ -86,9 +87,10 @@ class Evaluator:
         if len(self.prompts) == 0:
             return {}
         batch = self.rollout.generate(
-            policy, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples
+            policy, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples,
+            conversations=self.prompts.conversations,
         )
-        chats = [chat for chat in self.prompts.conversations for _ in range(self.n_samples)]
+        chats = reward_chats(batch, self.prompts.conversations, self.n_samples)
         with self.rewards.evaluating():
             result = self.rewards(batch.completions, batch.answers, chats)
         self.last_failures = failure_note(result.failures, len(batch.completions))

@@ -10,9 +10,9 @@ import torch
 from rich.markup import escape
 
 from rlctl.algos import shaping
-from rlctl.batch import Batch, concat
+from rlctl.batch import Batch, concat, reward_chats
 from rlctl.checkpoint import TrainState, last_good_checkpoint
-from rlctl.distributed import any_rank
+from rlctl.distributed import any_rank, sum_over_ranks
 from rlctl.errors import RlctlError
 from rlctl.logging import Timer
 from rlctl.rollout.hf import step_rewards_to_tokens
@@ -44,17 +44,20 @@ def sample_and_score(s: Stages, timer: Timer) -> tuple[Batch, dict[str, float], 
                 [s.train_prompts.examples[i].answer for i in picked],
                 algo.group_size,
                 prompt_texts=[_display(s.train_prompts.examples[i].prompt) for i in picked],
+                conversations=[s.train_prompts.conversations[i] for i in picked],
             )
         with timer("reward"):
-            chats = [s.train_prompts.conversations[i] for i in picked for _ in range(algo.group_size)]
+            chats = reward_chats(batch, [s.train_prompts.conversations[i] for i in picked], algo.group_size)
             result = s.rewards(batch.completions, batch.answers, chats)
             results.append(result)
             penalty = algo.length_penalty(batch.response_mask.sum(dim=1))
-            batch = batch.with_(scores=result.scores + penalty, length_penalty=penalty, correct=result.correct)
+            # An environment's per-turn rewards add to the final answer's score (GRPO's groups compare totals).
+            turns = batch.turn_rewards.sum(dim=1) if batch.turn_rewards is not None else 0.0
+            batch = batch.with_(scores=result.scores + turns + penalty, length_penalty=penalty, correct=result.correct)
         n_sampled += len(picked)
         for name, values in result.per_term.items():  # unshaped, over everything sampled
             term_sums[name] = term_sums.get(name, 0.0) + float(values.sum())
-        batch = _with_steps(s, batch, result.steps)
+        batch = _with_steps(s, batch, result.steps, result.scores)
         if not algo.dynamic_sampling:
             metrics = {f"reward/{k}": v / batch.size for k, v in term_sums.items()}
             return batch, {**metrics, "reward/errors": float(s.rewards.errors - errors_before)}, results
@@ -96,8 +99,38 @@ def check_reward_failures(s: Stages, state: TrainState, results: list) -> None:
         )
 
 
-def _with_steps(s: Stages, batch: Batch, steps) -> Batch:
-    if steps is None:
+def check_environment(s: Stages, state: TrainState, batch: Batch) -> None:
+    """Say what an environment raised (those episodes ended there, flagged truncated); stop when every
+    tool call of ``max_failed_reward_steps`` steps in a row failed, on every rank (timeouts, a broken
+    tool: the policy would learn from error messages alone)."""
+    if batch.env_stats is None:
+        return
+    errors = [e for e in batch.env_errors if e]
+    if errors:
+        s.logger.message(f"[yellow]step {state.step}: the environment failed on {len(errors)} of {batch.size} "
+                         f"episodes (each ended there, flagged truncated): {escape(errors[0])}")  # fmt: skip
+    calls, failed = sum_over_ranks([float(batch.env_stats["tool_calls"].sum()), float(batch.env_stats["tool_errors"].sum())])
+    state.consecutive_tool_failures = state.consecutive_tool_failures + 1 if calls > 0 and failed == calls else 0
+    if state.consecutive_tool_failures >= s.max_failed_reward_steps:
+        raise RlctlError(
+            f"stopping: every tool call failed for {state.consecutive_tool_failures} steps in a row "
+            f"(reward.max_failed_steps={s.max_failed_reward_steps}); the samples tables show the errors the policy read; "
+            f"the last good checkpoint is {last_good_checkpoint(s.run_dir)}"
+        )
+
+
+def _with_steps(s: Stages, batch: Batch, steps, answer_scores: torch.Tensor) -> Batch:
+    """Per-token rewards when the score is not one number on the last token: an environment's
+    per-turn rewards on their turns' last tokens with the final answer's score on the last trained
+    token, or a reward term's step rewards at their offsets in the completion. In a multi-turn
+    episode a term's step rewards count as one score on the last token (their offsets are in the
+    final reply, whose tokens the loop does not map back)."""
+    if batch.turn_rewards is not None:
+        rewards = batch.turn_rewards.clone()
+        last = shaping.last_token_index(batch.response_mask)
+        rewards[torch.arange(batch.size), last] += answer_scores.to(rewards.dtype)
+        return batch.with_(step_rewards=rewards)
+    if steps is None or batch.conversations is not None:
         return batch
     responses = batch.input_ids[:, -batch.response_length :]
     return batch.with_(step_rewards=step_rewards_to_tokens(s.tokenizer, responses, batch.response_mask, steps))

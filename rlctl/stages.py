@@ -21,6 +21,7 @@ from rlctl.optim.layout import BatchLayout
 from rlctl.optim.update import update
 from rlctl.rewards import WeightedRewards
 from rlctl.rollout import HFRollout, SamplingParams
+from rlctl.rollout.multiturn import EnvironmentRollout
 from rlctl.rollout.vllm import VLLMRollout
 
 
@@ -32,7 +33,8 @@ class Stages:
     policy: Engine
     critic: Engine | None  # exists iff the algorithm's advantage estimator needs values
     reference: torch.nn.Module | None  # frozen; None when the algorithm has no KL term
-    rollout: HFRollout | VLLMRollout  # samples the policy: its own model (hf) or a vLLM engine's copy
+    # samples the policy: its own model (hf) or a vLLM engine's copy; turn by turn against an environment (env)
+    rollout: HFRollout | VLLMRollout | EnvironmentRollout
     rewards: WeightedRewards
     algo: Algorithm
     layout: BatchLayout

@@ -31,7 +31,7 @@ from rlctl.evaluate import evaluate_and_log, overoptimisation_warning
 from rlctl.logging import Timer, seconds_since_start
 from rlctl.optim.scoring import response_logprobs, response_values, score_in_chunks
 from rlctl.optim.update import minibatch_counts, minibatches, padding_fraction, update
-from rlctl.sampling import check_reward_failures, sample_and_score
+from rlctl.sampling import check_environment, check_reward_failures, sample_and_score
 from rlctl.stages import Stages
 
 
@@ -42,6 +42,7 @@ def train_step(s: Stages, state: TrainState) -> dict[str, float]:
     # 1-2. Rollout and reward: P prompts × G completions, scored (more prompts if groups are filtered).
     batch, sampling_metrics, reward_results = sample_and_score(s, timer)
     check_reward_failures(s, state, reward_results)
+    check_environment(s, state, batch)
 
     # 3. Score the samples without gradients: reference log-probs, the sampling policy's log-probs
     #    (whenever the step makes more than one update, or the KL sits in the reward), critic values.
@@ -192,6 +193,7 @@ def save_resumable(s: Stages, state: TrainState) -> Path:
         "step": state.step, "kl_coef": state.kl_coef, "skipped_steps": state.skipped_steps,
         "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
         "consecutive_reward_failures": state.consecutive_reward_failures, "evaluations": state.evaluations,
+        "consecutive_tool_failures": state.consecutive_tool_failures,
         "gold_warned": state.gold_warned, "best": state.best, "sampler": s.sampler.state_dict(),
         "rewards": s.rewards.state_dict(), "has_critic": s.critic is not None, "world_size": s.ranks.world_size,
         "config": s.config,
@@ -213,6 +215,7 @@ def restore(s: Stages, folder: Path) -> TrainState:
         consecutive_skips=saved["consecutive_skips"], eval_before=saved["eval_before"],
         consecutive_reward_failures=saved["consecutive_reward_failures"], evaluations=saved.get("evaluations", []),
         gold_warned=saved.get("gold_warned", False), best=saved.get("best"),
+        consecutive_tool_failures=saved.get("consecutive_tool_failures", 0),
     )  # fmt: skip
 
 

@@ -56,13 +56,21 @@ def _messages(example: Example, fmt: PromptFormat) -> tuple[str | None, list[dic
 def render(example: Example, fmt: PromptFormat, tokenizer) -> tuple[str, bool]:
     """The prompt as text, and whether it already holds the special tokens (from a chat template)."""
     text, messages = _messages(example, fmt)
-    if fmt.chat_template and getattr(tokenizer, "chat_template", None):
+    if text is not None and not uses_chat_template(fmt.chat_template, tokenizer):
+        return (f"{fmt.system_prompt}\n\n{text}" if fmt.system_prompt else text), False
+    return render_messages(messages, fmt.chat_template, tokenizer)
+
+
+def uses_chat_template(chat_template: bool, tokenizer) -> bool:
+    return chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_messages(messages: list[dict], chat_template: bool, tokenizer) -> tuple[str, bool]:
+    """Chat messages as the prompt of the assistant's next turn: through the tokenizer's chat template
+    (special tokens included), or without one as "role: content" lines ending in "assistant:"."""
+    if uses_chat_template(chat_template, tokenizer):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
-    if text is None:
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-    elif fmt.system_prompt:
-        text = f"{fmt.system_prompt}\n\n{text}"
-    return text, False
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", False
 
 
 def encode_prompts(examples: list[Example], fmt: PromptFormat, tokenizer) -> PromptSet:

@@ -70,6 +70,13 @@ class ToolEnvironment:
         shown = [{k: v for k, v in s["function"].items() if k != "return"} for s in self.schemas]
         return SYSTEM_TEMPLATE.format(tools="\n".join(json.dumps(s) for s in shown))
 
+    def shortest_call(self) -> str:
+        """A call of the first tool with a one-character value for each required argument: what the
+        rollout's per-turn token limit must at least hold."""
+        schema = self.schemas[0]["function"]
+        arguments = dict.fromkeys(schema.get("parameters", {}).get("required", []), "1")
+        return f"<tool_call>{json.dumps({'name': schema['name'], 'arguments': arguments})}</tool_call>"
+
     def reset(self, task: Task) -> Messages:
         messages = list(task.messages)
         if messages and messages[0]["role"] == "system":

@@ -65,9 +65,11 @@ def row_groups(lengths: list[tuple[int, int]], size: int, max_tokens: int = 0) -
 
 
 def row_lengths(batch: Batch) -> list[tuple[int, int]]:
-    """(prompt tokens, response tokens) of every row."""
-    prompt = batch.attention_mask[:, : batch.input_ids.shape[1] - batch.response_length].sum(dim=1)
-    return list(zip(prompt.tolist(), batch.response_mask.sum(dim=1).int().tolist()))
+    """(prompt tokens, response tokens) of every row; a multi-turn response's observations count (they
+    are attended in the forward pass, though not trained)."""
+    split = batch.input_ids.shape[1] - batch.response_length
+    prompt, response = batch.attention_mask[:, :split].sum(dim=1), batch.attention_mask[:, split:].sum(dim=1)
+    return list(zip(prompt.tolist(), response.tolist()))
 
 
 def micro_batches(batch, size: int, max_tokens: int = 0) -> Iterator:

@@ -104,6 +104,8 @@ class HFRollout:
     is the trained one by construction: no weights to copy and no log-prob mismatch to correct
     beyond the KV cache's rounding."""
 
+    gives_logprobs = False  # the sampling model is the trained one: its log-probs are scored, not kept
+
     def __init__(
         self, tokenizer, params: SamplingParams, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
     ):

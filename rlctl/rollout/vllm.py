@@ -249,6 +249,8 @@ class VLLMEngine:
 
 
 class VLLMRollout:
+    gives_logprobs = True  # each sampled token's log-prob from the engine (for the mismatch correction)
+
     def __init__(self, tokenizer, params: SamplingParams, engine: VLLMEngine):
         self.tokenizer, self.params, self.engine = tokenizer, params, engine
         self.eos_ids = eos_token_ids(tokenizer)
