@@ -43,7 +43,11 @@ class Scripted:
         made = []
         for row, _ in enumerate(sequences):
             text = self.reply(row, len(self.calls) - 1)
-            ids = text if isinstance(text, list) else self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.eos_ids
+            ids = (
+                text
+                if isinstance(text, list)
+                else self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.eos_ids
+            )
             ids = ids[:max_new_tokens]
             made.append(Sampled(ids, None, ids[-1] in self.eos_ids))
         return made
@@ -153,7 +157,9 @@ def test_a_trajectory_is_the_chat_templates_rendering_of_the_whole_conversation(
     assert [m["role"] for m in conversation] == ["system", "user", "assistant", "tool", "assistant"]
     assert conversation[3]["content"] == "5541" and batch.completions == ["The answer is 5541."]
     ours = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
-    rendered = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    rendered = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
     # The template closes the last turn with "<|im_end|>\n"; the trajectory stops at the EOS the policy sampled.
     assert rendered[: len(ours)] == ours and tokenizer.decode(rendered[len(ours) :]) == "\n"
     assert batch.env_stats["drift"].tolist() == [0.0]
@@ -177,7 +183,10 @@ def test_only_the_sampled_tokens_are_trained_and_the_observation_only_attended(t
 def test_the_sampled_tokens_are_kept_even_when_the_text_would_tokenise_otherwise(tokenizer):
     """A hand-made reply whose tokens are not the tokenizer's own split of its text: the trajectory keeps
     them (never re-encoded), and the drift diagnostic counts the trajectory."""
-    odd = tokenizer(" ans", add_special_tokens=False)["input_ids"] + tokenizer("wer", add_special_tokens=False)["input_ids"]
+    odd = (
+        tokenizer(" ans", add_special_tokens=False)["input_ids"]
+        + tokenizer("wer", add_special_tokens=False)["input_ids"]
+    )
     assert tokenizer(" answer", add_special_tokens=False)["input_ids"] != odd  # the case is real for this tokenizer
     sampled = tokenizer("The", add_special_tokens=False)["input_ids"] + odd + [tokenizer.eos_token_id]
     rollout, _ = rollout_of(tokenizer, lambda row, turn: sampled)
@@ -263,7 +272,9 @@ def test_observation_tokens_change_no_loss_no_advantage_and_get_no_gradient(agg)
         lp = spread(logp, 7.0).detach().requires_grad_(True)
         adv, ret = gae(spread(rewards, 3.0), spread(values, 5.0), m, algo.gamma, algo.lam)
         totals = algo.totals(*minibatch_counts(m))  # as the trainer counts them: trained tokens, longest trained row
-        loss, _ = algo.loss(lp, spread(old, -9.0), adv, m, spread(ref, 2.0), spread(torch.ones(2, 5), 4.0), totals=totals)
+        loss, _ = algo.loss(
+            lp, spread(old, -9.0), adv, m, spread(ref, 2.0), spread(torch.ones(2, 5), 4.0), totals=totals
+        )
         value_loss, _ = algo.critic_loss(spread(values, 5.0) + 0.1, spread(values, 5.0), ret, m, totals)
         loss.backward()
         keep = m.bool()
@@ -337,8 +348,10 @@ def test_a_users_class_from_a_file_plays_turns_with_per_turn_rewards(tmp_path, t
     ("source", "said"),
     [
         ("class E:\n    def reset(self, task):\n        return []\n", "E has no step method"),
-        ("class E:\n    def __init__(self, level):\n        pass\n    def reset(self, t): pass\n    def step(self, r): pass\n",
-         "must be callable with no arguments"),
+        (
+            "class E:\n    def __init__(self, level):\n        pass\n    def reset(self, t): pass\n    def step(self, r): pass\n",
+            "must be callable with no arguments",
+        ),
         ("def E():\n    pass\n", "defines no class 'E'"),
         ("raise ImportError('no such thing')\n", "importing"),
     ],

@@ -1,7 +1,8 @@
 """Demonstrations for supervised fine-tuning: conversations whose assistant turns are trained.
 
 Sources: ``arithmetic`` (built in: worked answers to the arithmetic task, "23 + 48: 3 + 8 = 11,
-write 1 carry 1; 2 + 4 + 1 = 7; so 71"), and JSONL files (``jsonl``, or ``gsm8k`` from
+write 1 carry 1; 2 + 4 + 1 = 7; so 71"), ``calculator`` (built in: the arithmetic task solved by
+calling the calculator tool, for ``env=calculator``), and JSONL files (``jsonl``, or ``gsm8k`` from
 ``data.path``) whose rows hold chat ``messages``, or a ``prompt`` and a ``completion``. A row may
 also hold a reference answer (``data.answer_field``): held-out rows with one are scored by the
 reward rules, as in ``rlctl train``.
@@ -92,6 +93,30 @@ def _arithmetic(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
     return demos(train), demos(held_out)
 
 
+def _calculator(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
+    """Tool-use demonstrations for ``env=calculator``: the environment's own first messages (the tool's
+    description, then the question), a reply that calls the calculator on the problem's expression, the
+    calculator's result as the environment returns it, and a final reply that gives that number."""
+    from rlctl.envs import CalculatorEnvironment, Task
+    from rlctl.envs.tools import tool_call_text
+
+    train, held_out = arithmetic(source)
+
+    def demos(examples: list[Example]) -> list[Demonstration]:
+        made = []
+        for example in examples:
+            env = CalculatorEnvironment()
+            messages = env.reset(Task(conversation(example, fmt), example.answer, example.origin))
+            call = tool_call_text("calculator", {"expression": example.origin.split(":", 1)[1]})
+            observation = env.step(call).messages
+            final = {"role": "assistant", "content": observation[0]["content"]}
+            made.append(Demonstration([*messages, {"role": "assistant", "content": call}, *observation, final],
+                                      example.answer, example.origin))  # fmt: skip
+        return made
+
+    return demos(train), demos(held_out)
+
+
 def _checked_messages(value, origin: str, field: str, needs_assistant: bool = True) -> Messages:
     if not (
         isinstance(value, list) and value
@@ -151,7 +176,7 @@ def _jsonl(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
     return split_held_out(demos, source)
 
 
-DEMONSTRATION_SOURCES = {"arithmetic": _arithmetic, "jsonl": _jsonl, "gsm8k": _jsonl}
+DEMONSTRATION_SOURCES = {"arithmetic": _arithmetic, "calculator": _calculator, "jsonl": _jsonl, "gsm8k": _jsonl}
 
 
 def load_demonstrations(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):

@@ -139,6 +139,13 @@ def arithmetic(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
     return train, held_out
 
 
+@source("calculator")
+def calculator_problems(spec: SourceSpec) -> tuple[list[Example], list[Example]]:
+    """The arithmetic problems, meant to be solved with the calculator tool (``env=calculator``);
+    ``rlctl sft`` turns them into demonstrations that call it."""
+    return arithmetic(spec)
+
+
 # --- files and hub datasets ----------------------------------------------------------------------
 
 

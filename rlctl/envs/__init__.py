@@ -40,7 +40,9 @@ def environment_factory(spec: EnvSpec) -> Callable[[], object] | None:
     if spec.name == "custom":
         raise RlctlError("env=custom: set env.cls=path/to/file.py:ClassName")
     if spec.name not in BUILT_IN:
-        raise RlctlError(f"env.name: unknown environment {spec.name!r}; known: none, {', '.join(BUILT_IN)}, custom (env.cls)")
+        raise RlctlError(
+            f"env.name: unknown environment {spec.name!r}; known: none, {', '.join(BUILT_IN)}, custom (env.cls)"
+        )
     return partial(BUILT_IN[spec.name], timeout_s=spec.tool_timeout_s)
 
 

@@ -27,7 +27,7 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 SYSTEM_TEMPLATE = (
     "You can call these tools:\n{tools}\n"
-    "To call one, write <tool_call>{{\"name\": ..., \"arguments\": {{...}}}}</tool_call> and stop; its result comes "
+    'To call one, write <tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call> and stop; its result comes '
     "back as a message from the tool. When you know the answer, reply without a tool call."
 )
 
@@ -45,6 +45,11 @@ def tool_schema(fn: Callable) -> dict:
             f"env: tool {name!r} needs type hints on every argument and a docstring with an Args: section "
             f"({type(err).__name__}: {err})"
         ) from None
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """A tool call as the policy writes it."""
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
 
 
 def tool_calls(reply: str) -> list[str]:
@@ -75,7 +80,7 @@ class ToolEnvironment:
         rollout's per-turn token limit must at least hold."""
         schema = self.schemas[0]["function"]
         arguments = dict.fromkeys(schema.get("parameters", {}).get("required", []), "1")
-        return f"<tool_call>{json.dumps({'name': schema['name'], 'arguments': arguments})}</tool_call>"
+        return tool_call_text(schema["name"], arguments)
 
     def reset(self, task: Task) -> Messages:
         messages = list(task.messages)

@@ -57,7 +57,6 @@ class EnvironmentRollout:
         self.backend, self.tokenizer, self.make_env, self.spec = backend, tokenizer, make_env, spec
         self.chat_template = uses_chat_template(chat_template, tokenizer)
         self.eos_ids = backend.eos_ids
-        self.env_name = getattr(make_env, "__name__", None) or getattr(getattr(make_env, "func", None), "__name__", "env")
 
     @property
     def params(self) -> SamplingParams:
