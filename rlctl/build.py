@@ -486,7 +486,8 @@ def build_inference(cfg: DictConfig):
     folder = rollout_model_folder(m.path, model) if sampling.backend == "vllm" else None
     rollout = build_rollout(cfg, sampling, vllm, tokenizer, make_accelerator(cfg.engine.precision).autocast, folder)
     if sampling.backend == "vllm":
-        rollout.engine.holds_weights_of(policy)  # loaded from the same folder
+        backend = rollout.backend if isinstance(rollout, EnvironmentRollout) else rollout
+        backend.engine.holds_weights_of(policy)  # loaded from the same folder
     return policy, tokenizer, rollout
 
 
@@ -612,6 +613,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         if ranks.is_main:
             drop_metrics_after(run_dir / "metrics.jsonl", saved["step"])
     examples = read_examples(cfg, cfg.reward)  # data errors come before any model loads
+    if settings.env.enabled:  # the environment starts, and a tool call fits in a reply, before any model loads
+        tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        environment_prompt_tokens(environment_factory(settings.env), tokenizer, cfg.data.chat_template, settings.sampling)
     shape = checked_model_shape(cfg, settings)  # from the model's config alone, before any weights load
     memory_plan = plan_for(cfg, settings, shape, rollout_sequences(cfg)) if ranks.is_main else ""
     policy_from = str(resume_from / "policy") if resume_from else None
@@ -708,4 +712,5 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
         sample_every=log.sample_every, samples_shown=log.samples_shown, ranks=ranks,
         resume_from=resume_from, resume_command=resume_command, config=config or {},
         policy_update=policy_update_of(algo, settings.sampling.temperature), memory_plan=memory_plan,
+        env_description=settings.env.describe(settings.sampling.max_new_tokens),
     )  # fmt: skip

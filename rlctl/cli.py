@@ -82,6 +82,8 @@ def dry_run(cfg, run_dir: Path) -> None:
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)
     print("; ".join(parts))
+    if settings.env.enabled:
+        print(settings.env.describe(settings.sampling.max_new_tokens))
     print(settings.layout.describe(algo.update_name))
     print(plan_for(cfg, settings, shape, rollout_sequences(cfg)))
     print(f"dry run: nothing loaded or trained ({time.perf_counter() - started:.1f}s)")

@@ -108,6 +108,8 @@ class Evaluator:
             "n_prompts": len(self.prompts),
             "reward_errors": float(sum(count for count, _ in result.failures.values())),
         }
+        if batch.env_stats is not None:  # multi-turn: turns, tool calls and errors, truncation, per trajectory
+            metrics.update({f"env_{name}": float(v.float().mean()) for name, v in batch.env_stats.items()})
         for k in self.pass_k:
             metrics[f"pass@{k}"] = float(
                 torch.tensor([pass_at_k(self.n_samples, c, k) for c in correct_per_prompt]).mean()

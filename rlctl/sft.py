@@ -32,6 +32,7 @@ from rlctl.data.demonstrations import (
 from rlctl.data.prompts import PromptFormat
 from rlctl.data.sources import Example, SourceSpec
 from rlctl.distributed import Ranks, launched_ranks, sum_over_ranks
+from rlctl.envs import EnvSpec, environment_factory
 from rlctl.errors import RlctlError
 from rlctl.evaluate import Evaluator, HeldOutRewardFailed
 from rlctl.offline import (
@@ -45,6 +46,7 @@ from rlctl.offline import (
 )
 from rlctl.optim.scoring import pack_rows, pad_rows, target_logprobs
 from rlctl.rollout import HFRollout, SamplingParams
+from rlctl.rollout.multiturn import EnvironmentRollout
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class SupervisedObjective:
     eval_batch_size: int
     autocast: object
     evaluator: Evaluator | None  # held-out accuracy (rows with an answer), else None
+    env: str | None = None  # the environment tool-use demonstrations act in (calculator)
+
+    @property
+    def next_command(self) -> str:
+        """What to run with the model this SFT made: RL, in the demonstrations' environment if any."""
+        return f"rlctl train {f'env={self.env} ' if self.env else ''}model.path={{final}}"
 
     def describe(self) -> str:
         covered = sum(sum(m) for m in self.train.masks)
@@ -126,6 +134,8 @@ class SupervisedObjective:
             except HeldOutRewardFailed as err:
                 return {**results, "error": str(err)}, line + f"  no accuracy: {escape(str(err))}"
             results.update(task)
+            if not task:  # every held-out prompt was longer than data.max_prompt_tokens
+                return results, line
             line += f"  accuracy {task['accuracy']:.3f}  reward {task['reward_mean']:.3f} ({task['n_prompts']} prompts)"
             if self.evaluator.last_failures:
                 line += f"\n[yellow]  {escape(self.evaluator.last_failures)}[/yellow]"
@@ -145,14 +155,20 @@ class SFTEvalSpec:
                 raise ValueError(f"{key}: must be ≥ 1, got {getattr(self, key)}")
 
 
-def task_evaluator(rewards, examples: list[Example], fmt: PromptFormat, tokenizer, spec: SFTEvalSpec, autocast):
-    """Greedy held-out accuracy judged by ``rewards`` (a WeightedRewards), or None without examples."""
+def task_evaluator(rewards, examples: list[Example], fmt: PromptFormat, tokenizer, spec: SFTEvalSpec, autocast,
+                   env: str | None = None):  # fmt: skip
+    """Greedy held-out accuracy judged by ``rewards`` (a WeightedRewards), or None without examples.
+    With ``env`` (tool-use demonstrations) each held-out question is played in that environment."""
     if not examples:
         return None
     prompts = encode_prompts(examples, fmt, tokenizer)
     params = SamplingParams(backend="hf", max_new_tokens=spec.max_new_tokens, temperature=0.0,
                             batch_size=spec.batch_size)  # fmt: skip
-    return Evaluator(prompts, HFRollout(tokenizer, params, autocast), rewards, 1, [1])
+    rollout = HFRollout(tokenizer, params, autocast)
+    if env is not None:
+        env_spec = EnvSpec(name=env)
+        rollout = EnvironmentRollout(rollout, tokenizer, environment_factory(env_spec), env_spec, fmt.chat_template)
+    return Evaluator(prompts, rollout, rewards, 1, [1])
 
 
 def read_sft_settings(cfg: DictConfig, ranks: Ranks):
@@ -188,13 +204,15 @@ def build_sft(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
         if part.skipped:
             logger.message(f"[yellow]data: {part.skipped} {name} demonstrations skipped (longer than "
                            f"data.max_tokens={demo.max_tokens})")  # fmt: skip
-    examples = [Example(d.prompt, d.answer, d.origin) for d in held_out.demonstrations if d.answer is not None]
+    examples = [Example(d.question or d.prompt, d.answer, d.origin) for d in held_out.demonstrations
+                if d.answer is not None]  # fmt: skip
+    env = next((d.env for d in held_out.demonstrations), None)
     evaluator = task_evaluator(build_rewards(cfg, autocast=engine.autocast), examples, replace(fmt, system_prompt=None),
-                               tokenizer, eval_spec, engine.autocast)  # fmt: skip
+                               tokenizer, eval_spec, engine.autocast, env)  # fmt: skip
     say_when_nothing_is_held_out(logger, "demonstrations", len(train), len(held_out), settings.eval_enabled)
     objective = SupervisedObjective(type(engine.unwrapped()).__name__, train, held_out, tokenizer.pad_token_id,
                                     demo.max_tokens if demo.pack else 0, eval_spec.batch_size, engine.autocast,
-                                    evaluator)  # fmt: skip
+                                    evaluator, env)  # fmt: skip
     return OfflineRun(
         name="sft", objective=objective, tokenizer=tokenizer, engine=engine,
         sampler=PromptSampler(len(train), settings.per_step * ranks.world_size, source.seed),

@@ -58,6 +58,7 @@ class Stages:
     ranks: Ranks = Ranks()  # this process's place in a data-parallel launch
     resume_from: Path | None = None  # a checkpoint whose weights build already loaded
     resume_command: str = "rlctl train resume=RUN_DIR"  # printed when a run is stopped early
+    env_description: str = ""  # multi-turn: the environment and its limits, in one line ("" for one turn)
     memory_plan: str = ""  # the printed plan (rlctl/plan.py), made before the models loaded
     config: dict = field(default_factory=dict)  # the run's settings as dotted keys, kept in checkpoints
     # how the policy learns from one minibatch: an optimiser update (update) or TRPO's trust-region step

@@ -256,6 +256,8 @@ def train(s: Stages) -> dict:
     """
     summary: dict = {"stopped_by": None}
     started = time.perf_counter()
+    if s.env_description:
+        s.logger.message(s.env_description)
     s.logger.message(s.layout.describe(s.algo.update_name))
     if s.memory_plan:
         s.logger.message(s.memory_plan)

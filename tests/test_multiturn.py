@@ -1,6 +1,7 @@
 """Multi-turn rollouts: environments, the calculator, token in / token out, observation masking,
 limits, and the equivalence of a trajectory with observations to the same trained tokens without."""
 
+import json
 import time
 
 import pytest
@@ -399,3 +400,136 @@ def test_env_names_are_checked(spec, said):
 def test_limits_must_be_positive():
     with pytest.raises(ValueError, match="max_turns: must be ≥ 1"):
         EnvSpec(name="calculator", max_turns=0)
+
+
+# --- end to end on the tiny model ------------------------------------------------------------------
+
+ECHO = (
+    "env=custom",
+    f"env.cls={__file__.rsplit('/', 1)[0]}/echo_env.py:Echo",
+    "rollout.max_new_tokens=8",
+    "env.max_turns=3",
+)
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_training_with_observations_between_replies_runs_resumes_and_generates(tmp_path, algo):
+    from test_cli import rlctl
+
+    run = tmp_path / "run"
+    rlctl("train", "recipe=smoke", f"algo={algo}", *ECHO, f"hydra.run.dir={run}")
+    steps = [r for r in _metrics(run) if "env/turns" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    # three replies of ≤ 8 tokens with "again" between them: observations are there, and attended
+    assert all(r["env/observation_tokens"] > 0 and 1 < r["env/turns"] <= 3 for r in steps)
+    assert all(r["response_len/mean"] <= 24 for r in steps)  # trained tokens: the replies only
+    resumed = rlctl("train", "recipe=smoke", f"algo={algo}", *ECHO, "steps=3", f"resume={run}",
+                    f"hydra.run.dir={tmp_path / 'more'}")  # fmt: skip
+    assert "step 3/3" in resumed.stdout
+    shown = rlctl("generate", f"model.path={run}", "num_prompts=1")
+    assert "conversation (env)" in shown.stdout and "[user] again" in shown.stdout
+
+
+@pytest.mark.integration
+def test_calculator_env_trains_with_lora_and_evaluates(tmp_path):
+    from test_cli import rlctl
+
+    run = tmp_path / "run"
+    rlctl("train", "recipe=smoke", "env=calculator", "rollout.max_new_tokens=32", "model.lora.r=4",
+          f"hydra.run.dir={run}")  # fmt: skip
+    steps = [r for r in _metrics(run) if "reward/mean" in r]
+    assert len(steps) == 2 and all("env/tool_calls" in r and "env/drift" in r for r in steps)
+    evaluated = rlctl("eval", f"model.path={run}", "eval.n_samples=1")  # the run's environment comes with it
+    assert "env.name=calculator" in evaluated.stderr and '"accuracy"' in evaluated.stdout
+
+
+# --- checks before the run, and during it ----------------------------------------------------------
+
+
+def test_a_chat_template_that_rewrites_its_prefix_is_refused(tokenizer):
+    import copy
+
+    unstable = copy.deepcopy(tokenizer)
+    # the count of messages comes first: every new message changes the rendering's beginning
+    unstable.chat_template = (
+        "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    rollout, _ = rollout_of(unstable, two_turns)
+    with pytest.raises(RlctlError, match="does not render a conversation as the prefix of its continuation"):
+        rollout.generate(None, [[0]], ["5541"], 1, conversations=[QUESTION])
+
+
+def test_a_reply_limit_too_small_for_one_tool_call_is_refused_before_training(tokenizer):
+    from rlctl.build import environment_prompt_tokens
+
+    make = environment_factory(EnvSpec(name="calculator"))
+    with pytest.raises(
+        RlctlError, match=r"rollout.max_new_tokens=8: too small for one tool call of CalculatorEnvironment"
+    ):
+        environment_prompt_tokens(make, tokenizer, True, SamplingParams(max_new_tokens=8))
+    # enough: what the environment's first messages add to a prompt (the tool's description) is counted
+    assert environment_prompt_tokens(make, tokenizer, True, SamplingParams(max_new_tokens=64)) > 100
+
+
+def test_the_largest_trajectory_is_every_reply_and_observation_at_its_limit():
+    assert EnvSpec(name="calculator").total_tokens(64) == 4 * 64 + 3 * 64  # replies, and observations between them
+    assert EnvSpec(name="calculator", max_total_tokens=100).total_tokens(64) == 100
+    assert (
+        EnvSpec(name="calculator", max_total_tokens=10_000).total_tokens(64) == 448
+    )  # never more than the turns allow
+    assert "≤ 448 tokens after its prompt" in EnvSpec(name="calculator").describe(64)
+
+
+def test_per_turn_rewards_land_on_their_turns_and_add_to_the_score(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from rlctl.sampling import _with_steps
+
+    (tmp_path / "guess.py").write_text(GUESS)
+    make = environment_factory(EnvSpec(cls=f"{tmp_path}/guess.py:GuessTheNumber"))
+    rollout, _ = rollout_of(tokenizer, lambda row, turn: ["50", "37"][turn], env=make)
+    batch = rollout.generate(None, [[0]], ["37"], 1, conversations=[QUESTION])
+    answer_score = torch.tensor([2.0])  # what the reward terms gave the final reply
+    placed = _with_steps(SimpleNamespace(tokenizer=tokenizer), batch, None, answer_score).step_rewards
+    last = int(batch.response_mask[0].nonzero().max())
+    assert placed[0, last] == 1.0 + 2.0  # the turn's reward and the answer's score, on the last trained token
+    assert placed.sum() == 3.0
+
+
+def test_every_tool_call_failing_for_max_failed_steps_stops_the_run(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from rlctl.checkpoint import TrainState
+    from rlctl.sampling import check_environment
+
+    messages = []
+    s = SimpleNamespace(logger=SimpleNamespace(message=messages.append), max_failed_reward_steps=2, run_dir=tmp_path)
+
+    def played(reply):  # a fresh scripted backend per step: its turns count from 0
+        return rollout_of(tokenizer, reply)[0].generate(None, [[0]], ["1"], 2, conversations=[QUESTION])
+
+    def failing(row, turn):
+        return CALL % "2 ** 9" if turn == 0 else "1"  # powers: refused by the calculator
+
+    state = TrainState()
+    check_environment(s, state, played(failing))
+    assert state.consecutive_tool_failures == 1
+    check_environment(s, state, played(two_turns))
+    assert state.consecutive_tool_failures == 0  # one step with a working call starts the count again
+    check_environment(s, state, played(failing))
+    with pytest.raises(RlctlError, match="every tool call failed for 2 steps in a row"):
+        check_environment(s, state, played(failing))
+
+
+def test_the_dry_run_says_how_long_a_trajectory_can_be():
+    from test_cli import rlctl
+
+    shown = rlctl("train", "env=calculator", "rollout.max_new_tokens=64", "dry_run=true").stdout
+    assert "multi-turn: env calculator, ≤ 4 replies of ≤ 64 tokens" in shown
+    assert "(128 prompt + 448 new tokens)" in shown  # micro-batches are sized for the largest trajectory

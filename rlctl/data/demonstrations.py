@@ -32,6 +32,8 @@ class Demonstration:
     # holds earlier assistant turns: those are context someone else wrote, as in TRL's
     # completion-only loss. A `messages` row trains every assistant turn (0).
     first_trained: int = 0
+    env: str | None = None  # the environment the demonstration acts in (calculator): held-out accuracy runs it
+    question: list[dict] | None = None  # with an environment: the task's own messages, before the environment's
 
     @property
     def prompt(self) -> Messages:
@@ -111,7 +113,8 @@ def _calculator(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
             observation = env.step(call).messages
             final = {"role": "assistant", "content": observation[0]["content"]}
             made.append(Demonstration([*messages, {"role": "assistant", "content": call}, *observation, final],
-                                      example.answer, example.origin))  # fmt: skip
+                                      example.answer, example.origin, env="calculator",
+                                      question=conversation(example, fmt)))  # fmt: skip
         return made
 
     return demos(train), demos(held_out)

@@ -62,6 +62,16 @@ class EnvSpec:
     def enabled(self) -> bool:
         return self.name != "none" or self.cls is not None
 
+    def describe(self, max_new_tokens: int) -> str:
+        """The line the dry run and the run's start print ("" without an environment)."""
+        if not self.enabled:
+            return ""
+        name = self.cls or self.name
+        return (f"multi-turn: env {name}, ≤ {self.max_turns} replies of ≤ {max_new_tokens} tokens, observations cut "
+                f"at {self.max_observation_tokens} tokens; the largest trajectory: ≤ "
+                f"{self.total_tokens(max_new_tokens)} tokens after its prompt (observations attended, not trained)"
+                f"{'; truncated ones masked' if self.mask_truncated else ''}")  # fmt: skip
+
     def total_tokens(self, max_new_tokens: int) -> int:
         """The longest trajectory after its prompt: every reply at its limit, every observation at its."""
         allowed = self.max_turns * max_new_tokens + (self.max_turns - 1) * self.max_observation_tokens
