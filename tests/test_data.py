@@ -66,7 +66,7 @@ def test_gsm8k_local_file_reads_the_final_answer():
 
 
 def test_unknown_source_lists_the_known_ones():
-    with pytest.raises(RlctlError, match=r"known: \['arithmetic', 'gsm8k', 'hf', 'jsonl'\]"):
+    with pytest.raises(RlctlError, match=r"known: \['arithmetic', 'calculator', 'gsm8k', 'hf', 'jsonl'\]"):
         load_examples("csv", SourceSpec())
 
 

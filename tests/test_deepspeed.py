@@ -39,11 +39,16 @@ FORMAT_REWARD = ("reward.terms=[{name: format, pattern: ing}]",)
 JUDGE_AND_GOLD = ("reward=judge", "eval.gold=exact_number", "checkpoint.keep_best=gold")
 
 
+# multi-turn: replies with observations between them (tests/echo_env.py), every rank its own episodes
+ECHO_ENV = ("env=custom", f"env.cls={HERE}/echo_env.py:Echo", "rollout.max_new_tokens=8", "env.max_turns=3")
+
+
 @pytest.mark.parametrize(
     "algo, stage, reward",
-    [("grpo", "zero2", FORMAT_REWARD), ("grpo", "zero3", JUDGE_AND_GOLD), ("ppo", "zero3", FORMAT_REWARD)],
-    ids=["grpo-zero2", "grpo-zero3-judge-gold-best", "ppo-zero3"],
-)
+    [("grpo", "zero2", FORMAT_REWARD), ("grpo", "zero3", JUDGE_AND_GOLD), ("ppo", "zero3", FORMAT_REWARD),
+     ("grpo", "zero2", ECHO_ENV)],
+    ids=["grpo-zero2", "grpo-zero3-judge-gold-best", "ppo-zero3", "grpo-zero2-multi-turn"],
+)  # fmt: skip
 @pytest.mark.integration
 def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage, reward):
     run = tmp_path / "run"
@@ -56,6 +61,8 @@ def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stag
         assert AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "best") is not None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+    if reward == ECHO_ENV:
+        assert all(r["env/observation_tokens"] > 0 for r in rows if "reward/mean" in r)
     final = run / "checkpoints" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)  # gathered weights, loadable anywhere
     assert all(torch.isfinite(p).all() for p in model.parameters())

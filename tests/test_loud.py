@@ -216,7 +216,7 @@ def test_the_docs_list_every_algorithm_and_every_option_of_every_group():
     algo_rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \| .+ \| .+ \| .+ \| .+ \|$", algorithms, re.M)
     assert sorted(algo_rows) == sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml"))
     reference = (README.parent / "docs" / "reference.md").read_text()
-    for group in ("algo", "model", "data", "reward", "rollout", "logger", "deepspeed", "recipe"):
+    for group in ("algo", "model", "data", "reward", "rollout", "env", "logger", "deepspeed", "recipe"):
         assert f"`{group}`" in README.read_text(), f"the README does not name the {group} group"
         for option in (CONF_DIR / group).glob("*.yaml"):
             assert f"| `{option.stem}` |" in reference, f"docs/reference.md lacks {group}={option.stem}"

@@ -184,6 +184,24 @@ def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path, 
 
 
 @pytest.mark.integration
+def test_a_multi_turn_step_sends_token_ids_turn_by_turn_and_keeps_the_engines_logprobs(tmp_path):
+    # Echo answers each reply with "again" (tests/echo_env.py): observations sit between the replies.
+    # The engine's log-probs of the sampled tokens match the trainer's (bf16 against fp32), which they
+    # would not if a single observation token had been taken for a sampled one or the other way round.
+    echo = f"env.cls={os.path.dirname(__file__)}/echo_env.py:Echo"
+    stages = build(tmp_path, "env=custom", echo, "rollout.max_new_tokens=8", "env.max_turns=3", SMOKE_REWARD)
+    torch.manual_seed(0)
+    metrics = train_step(stages, TrainState(step=1, kl_coef=0.0))
+    assert metrics["env/observation_tokens"] > 0 and metrics["env/turns"] > 1
+    assert 0 <= metrics["rollout/logprob_abs_diff"] < 0.05
+    batch = stages.rollout.generate(stages.policy, stages.train_prompts.token_ids[:1], [""], 2,
+                                    conversations=stages.train_prompts.conversations[:1])  # fmt: skip
+    observed = batch.attention_mask[:, -batch.response_length :].bool() & ~batch.response_mask.bool()
+    assert observed.any() and (batch.rollout_logprobs[observed] == 0).all()  # log-probs on sampled tokens only
+    assert (batch.rollout_logprobs[batch.response_mask.bool()] < 0).all()
+
+
+@pytest.mark.integration
 def test_greedy_completions_of_the_embedded_model_agree_between_hf_and_vllm():
     # The same weights decode greedily in bf16 on both sides (a run's precision), through different
     # kernels: where the two best next tokens are within bf16 rounding the argmax may flip, and the
