@@ -50,8 +50,10 @@ ECHO_ENV = ("env=custom", f"env.cls={HERE}/echo_env.py:Echo", "rollout.max_new_t
     ids=["grpo-zero2", "grpo-zero3-judge-gold-best", "ppo-zero3", "grpo-zero2-multi-turn"],
 )  # fmt: skip
 @pytest.mark.integration
-def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage, reward):
+def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage, reward, request):
     run = tmp_path / "run"
+    if reward == ECHO_ENV:  # a model that ends its replies, so that observations follow them
+        reward = (*ECHO_ENV, f"model.path={request.getfixturevalue('ending_model_path')}")
     result = launch(2, "-m", "rlctl", "train", "recipe=smoke", f"algo={algo}", f"deepspeed={stage}", *reward,
                     f"hydra.run.dir={run}")  # fmt: skip
     assert result.stdout.count("step 2/2") == 1  # one rank logs
@@ -61,7 +63,7 @@ def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stag
         assert AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "best") is not None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
-    if reward == ECHO_ENV:
+    if ECHO_ENV[0] in reward:
         assert all(r["env/observation_tokens"] > 0 for r in rows if "reward/mean" in r)
     final = run / "checkpoints" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)  # gathered weights, loadable anywhere

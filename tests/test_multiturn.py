@@ -418,17 +418,18 @@ def _metrics(run):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_training_with_observations_between_replies_runs_resumes_and_generates(tmp_path, algo):
+def test_training_with_observations_between_replies_runs_resumes_and_generates(tmp_path, algo, ending_model_path):
     from test_cli import rlctl
 
     run = tmp_path / "run"
-    rlctl("train", "recipe=smoke", f"algo={algo}", *ECHO, f"hydra.run.dir={run}")
+    echo = (*ECHO, f"model.path={ending_model_path}")
+    rlctl("train", "recipe=smoke", f"algo={algo}", *echo, f"hydra.run.dir={run}")
     steps = [r for r in _metrics(run) if "env/turns" in r]
     assert [r["step"] for r in steps] == [1, 2]
     # three replies of ≤ 8 tokens with "again" between them: observations are there, and attended
     assert all(r["env/observation_tokens"] > 0 and 1 < r["env/turns"] <= 3 for r in steps)
     assert all(r["response_len/mean"] <= 24 for r in steps)  # trained tokens: the replies only
-    resumed = rlctl("train", "recipe=smoke", f"algo={algo}", *ECHO, "steps=3", f"resume={run}",
+    resumed = rlctl("train", "recipe=smoke", f"algo={algo}", *echo, "steps=3", f"resume={run}",
                     f"hydra.run.dir={tmp_path / 'more'}")  # fmt: skip
     assert "step 3/3" in resumed.stdout
     shown = rlctl("generate", f"model.path={run}", "num_prompts=1")

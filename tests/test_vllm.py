@@ -184,12 +184,13 @@ def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path, 
 
 
 @pytest.mark.integration
-def test_a_multi_turn_step_sends_token_ids_turn_by_turn_and_keeps_the_engines_logprobs(tmp_path):
+def test_a_multi_turn_step_sends_token_ids_turn_by_turn_and_keeps_the_engines_logprobs(tmp_path, ending_model_path):
     # Echo answers each reply with "again" (tests/echo_env.py): observations sit between the replies.
     # The engine's log-probs of the sampled tokens match the trainer's (bf16 against fp32), which they
     # would not if a single observation token had been taken for a sampled one or the other way round.
     echo = f"env.cls={os.path.dirname(__file__)}/echo_env.py:Echo"
-    stages = build(tmp_path, "env=custom", echo, "rollout.max_new_tokens=8", "env.max_turns=3", SMOKE_REWARD)
+    stages = build(tmp_path, "env=custom", echo, "rollout.max_new_tokens=8", "env.max_turns=3", SMOKE_REWARD,
+                   f"model.path={ending_model_path}")  # fmt: skip
     torch.manual_seed(0)
     metrics = train_step(stages, TrainState(step=1, kl_coef=0.0))
     assert metrics["env/observation_tokens"] > 0 and metrics["env/turns"] > 1
