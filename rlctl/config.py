@@ -182,8 +182,9 @@ class RolloutConfig:
 
 @dataclass
 class EnvConfig:
-    name: str = "none"  # none (one reply per prompt) | calculator (a tool that works out arithmetic) | custom (env.cls)
+    name: str = "none"  # none (one reply per prompt) | calculator (a tool that works out arithmetic) | tools (env.tools) | custom (env.cls)
     cls: str | None = None  # custom: path/to/file.py:ClassName, a class with reset(task) -> messages and step(reply) -> Step
+    tools: list[str] = field(default_factory=list)  # tools: typed functions with docstrings, path/to/file.py:function each
     max_turns: int = 4  # replies of the policy per trajectory (each up to rollout.max_new_tokens)
     max_observation_tokens: int = 64  # longer observations (tool results) are cut to this many tokens, and counted
     max_total_tokens: int = 0  # replies and observations of one trajectory together (0 = what max_turns allows)

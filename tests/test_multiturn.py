@@ -534,3 +534,44 @@ def test_the_dry_run_says_how_long_a_trajectory_can_be():
     shown = rlctl("train", "env=calculator", "rollout.max_new_tokens=64", "dry_run=true").stdout
     assert "multi-turn: env calculator, ≤ 4 replies of ≤ 64 tokens" in shown
     assert "(128 prompt + 448 new tokens)" in shown  # micro-batches are sized for the largest trajectory
+
+
+TOOLS = '''
+def lookup(word: str) -> str:
+    """The dictionary entry of a word.
+
+    Args:
+        word: the word to look up
+    """
+    return {"cat": "a small animal"}.get(word, "not found")
+
+
+def undocumented(word):
+    return word
+'''
+
+
+def test_tools_given_as_functions_in_a_file_are_called_by_name(tmp_path, tokenizer):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    make = environment_factory(EnvSpec(name="tools", tools=[f"{tmp_path}/tools.py:lookup"]))
+    call = '<tool_call>{"name": "lookup", "arguments": {"word": "cat"}}</tool_call>'
+    rollout, _ = rollout_of(tokenizer, lambda row, turn: call if turn == 0 else "A small animal.", env=make)
+    batch = rollout.generate(None, [[0]], ["1"], 1, conversations=[QUESTION])
+    assert batch.conversations[0][3] == {"role": "tool", "content": "a small animal"}
+    assert '"name": "lookup"' in batch.conversations[0][0]["content"]  # its schema, from the docstring
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ({"name": "tools"}, "list the tools"),
+        ({"name": "tools", "tools": ["TOOLS/tools.py:undocumented"]}, "tool 'undocumented' needs type hints"),
+        ({"name": "tools", "tools": ["TOOLS/tools.py:nothing"]}, "defines no function 'nothing'"),
+        ({"name": "calculator", "tools": ["TOOLS/tools.py:lookup"]}, "tools are for env=tools"),
+    ],
+)
+def test_tools_that_cannot_be_used_are_refused_in_one_line(tmp_path, spec, said):
+    (tmp_path / "tools.py").write_text(TOOLS)
+    spec = {**spec, "tools": [t.replace("TOOLS", str(tmp_path)) for t in spec.get("tools", [])]}
+    with pytest.raises(RlctlError, match=said):
+        environment_factory(EnvSpec(**spec))

@@ -24,7 +24,7 @@ def environment_factory(spec: EnvSpec) -> Callable[[], object] | None:
     if not spec.enabled:
         return None
     if spec.cls is not None:
-        if spec.name not in ("none", "custom"):
+        if spec.name not in ("none", "custom") or spec.tools:
             raise RlctlError(f"env.cls={spec.cls!r} and env.name={spec.name!r}: give one (env=custom env.cls=...)")
         cls = load_from_file(spec.cls, "env.cls", "class")
         missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
@@ -39,9 +39,19 @@ def environment_factory(spec: EnvSpec) -> Callable[[], object] | None:
         return cls
     if spec.name == "custom":
         raise RlctlError("env=custom: set env.cls=path/to/file.py:ClassName")
+    if spec.name == "tools":
+        if not spec.tools:
+            raise RlctlError("env=tools: list the tools, env.tools=[path/to/file.py:function, ...]")
+        functions = [load_from_file(tool, "env.tools", "function") for tool in spec.tools]
+        ToolEnvironment(functions)  # each has the type hints and docstring its schema is made from
+        return partial(ToolEnvironment, functions, timeout_s=spec.tool_timeout_s)
+    if spec.tools:
+        raise RlctlError(f"env.tools: tools are for env=tools (got env.name={spec.name!r}); a class of yours can "
+                         "subclass rlctl.envs.ToolEnvironment with them")  # fmt: skip
     if spec.name not in BUILT_IN:
         raise RlctlError(
-            f"env.name: unknown environment {spec.name!r}; known: none, {', '.join(BUILT_IN)}, custom (env.cls)"
+            f"env.name: unknown environment {spec.name!r}; known: none, {', '.join(BUILT_IN)}, tools (env.tools), "
+            "custom (env.cls)"
         )
     return partial(BUILT_IN[spec.name], timeout_s=spec.tool_timeout_s)
 

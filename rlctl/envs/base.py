@@ -41,8 +41,9 @@ class Step:
 class EnvSpec:
     """The ``env`` config group, filled by field name."""
 
-    name: str = "none"  # none (one turn) | calculator | custom (env.cls)
+    name: str = "none"  # none (one turn) | calculator | tools (env.tools) | custom (env.cls)
     cls: str | None = None  # path/to/file.py:ClassName, a class with reset(task) and step(reply)
+    tools: list[str] = field(default_factory=list)  # tools: typed, documented functions, path/to/file.py:function
     max_turns: int = 4  # replies of the policy per trajectory
     max_observation_tokens: int = 64  # longer observations are cut to this many tokens (and counted)
     max_total_tokens: int = 0  # replies and observations of one trajectory (0 = what max_turns allows)
@@ -66,7 +67,7 @@ class EnvSpec:
         """The line the dry run and the run's start print ("" without an environment)."""
         if not self.enabled:
             return ""
-        name = self.cls or self.name
+        name = self.cls or (f"tools {', '.join(self.tools)}" if self.name == "tools" else self.name)
         return (f"multi-turn: env {name}, ≤ {self.max_turns} replies of ≤ {max_new_tokens} tokens, observations cut "
                 f"at {self.max_observation_tokens} tokens; the largest trajectory: ≤ "
                 f"{self.total_tokens(max_new_tokens)} tokens after its prompt (observations attended, not trained)"
