@@ -156,7 +156,7 @@ def check_command(command: DocCommand) -> str:
     except RlctlError as err:
         # A command that reads what an earlier command of the docs writes (a run folder, your reward
         # file) composes, and stops only at the missing file: the message names it.
-        missing = [v.split(":")[0] for w in overrides for v in [w.partition("=")[2]]
+        missing = [v.split(":")[0] for w in overrides for v in [w.partition("=")[2].strip("[]")]
                    if v and ("/" in v or v.endswith(".py") or ".py:" in v) and not (ROOT / v.split(":")[0]).exists()]  # fmt: skip
         if not any(m and m in str(err) for m in missing):
             raise AssertionError(f"{command.where}: `{command.text}` fails its checks: {err}") from None
