@@ -39,21 +39,27 @@ FORMAT_REWARD = ("reward.terms=[{name: format, pattern: ing}]",)
 JUDGE_AND_GOLD = ("reward=judge", "eval.gold=exact_number", "checkpoint.keep_best=gold")
 
 
-# multi-turn: replies with observations between them (tests/echo_env.py), every rank its own episodes
-ECHO_ENV = ("env=custom", f"env.cls={HERE}/echo_env.py:Echo", "rollout.max_new_tokens=8", "env.max_turns=3")
+# multi-turn: replies with observations between them (tests/echo_env.py), every rank its own episodes;
+# under ZeRO-3 each turn gathers the weights, so a rank whose episodes ended must still take part
+ECHO_ENV = ("env=custom", f"env.cls={HERE}/echo_env.py:Echo", "rollout.max_new_tokens=8", "env.max_turns=3",
+            "model.path=ENDING")  # fmt: skip
+# rollout=hf under ZeRO-3: every forward gathers the weights, and the ranks' replies end at different
+# steps (a model that ends them); before generate ran in step over the ranks, this hung after step 1
+REPLIES_OF_DIFFERENT_LENGTHS = (*FORMAT_REWARD, "model.path=ENDING")
 
 
 @pytest.mark.parametrize(
     "algo, stage, reward",
     [("grpo", "zero2", FORMAT_REWARD), ("grpo", "zero3", JUDGE_AND_GOLD), ("ppo", "zero3", FORMAT_REWARD),
-     ("grpo", "zero2", ECHO_ENV)],
-    ids=["grpo-zero2", "grpo-zero3-judge-gold-best", "ppo-zero3", "grpo-zero2-multi-turn"],
+     ("grpo", "zero3", ECHO_ENV), ("grpo", "zero3", REPLIES_OF_DIFFERENT_LENGTHS)],
+    ids=["grpo-zero2", "grpo-zero3-judge-gold-best", "ppo-zero3", "grpo-zero3-multi-turn",
+         "grpo-zero3-replies-of-different-lengths"],
 )  # fmt: skip
 @pytest.mark.integration
 def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stage, reward, request):
     run = tmp_path / "run"
-    if reward == ECHO_ENV:  # a model that ends its replies, so that observations follow them
-        reward = (*ECHO_ENV, f"model.path={request.getfixturevalue('ending_model_path')}")
+    if "model.path=ENDING" in reward:  # a tiny model that ends its replies (tests/conftest.py)
+        reward = tuple(w.replace("ENDING", request.getfixturevalue("ending_model_path")) for w in reward)
     result = launch(2, "-m", "rlctl", "train", "recipe=smoke", f"algo={algo}", f"deepspeed={stage}", *reward,
                     f"hydra.run.dir={run}")  # fmt: skip
     assert result.stdout.count("step 2/2") == 1  # one rank logs
@@ -63,7 +69,7 @@ def test_two_processes_train_under_zero_into_one_run_folder(tmp_path, algo, stag
         assert AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "best") is not None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
-    if ECHO_ENV[0] in reward:
+    if "env=custom" in reward:
         assert all(r["env/observation_tokens"] > 0 for r in rows if "reward/mean" in r)
     final = run / "checkpoints" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)  # gathered weights, loadable anywhere

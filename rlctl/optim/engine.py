@@ -151,6 +151,8 @@ class Engine:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    synced_generation = False  # every rank holds the whole weights: generating is local
+
     def generation_context(self):
         """Around a whole rollout: nothing to do when every rank holds the full weights."""
         return contextlib.nullcontext()
@@ -215,6 +217,8 @@ class ReplicaEngine:
     def unwrapped(self) -> torch.nn.Module:
         return self.model
 
+    synced_generation = False  # a whole replica on every rank
+
     def generation_context(self):
         return contextlib.nullcontext()
 
@@ -243,6 +247,8 @@ class FrozenPolicy:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model
+
+    synced_generation = False
 
     def generation_context(self):
         return contextlib.nullcontext()
@@ -341,6 +347,13 @@ class DeepSpeedEngine:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
+
+    @property
+    def synced_generation(self) -> bool:
+        """Whether generating is collective: under ZeRO-3 on several ranks each layer's weights are
+        gathered again at every forward (DeepSpeed releases them after it), so every rank must make
+        the same forwards, in step (transformers' ``synced_gpus``), whatever its own sequences need."""
+        return self.zero.stage == 3 and self.zero.world_size > 1
 
     def generation_context(self):
         if self.zero.stage == 3:

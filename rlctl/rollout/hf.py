@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from rlctl.batch import Batch
+from rlctl.distributed import max_over_ranks
 from rlctl.errors import check_fields
 
 
@@ -146,41 +147,63 @@ class HFRollout:
     @torch.no_grad()
     def complete(self, policy, sequences: list[list[int]], max_new_tokens: int) -> list[Sampled]:
         """One continuation of each token sequence (a turn of a conversation), up to and including
-        EOS or ``max_new_tokens`` tokens. No log-probs: the sampling model is the trained one."""
+        EOS or ``max_new_tokens`` tokens. No log-probs: the sampling model is the trained one.
+        A rank with no sequences (its episodes have ended) samples nothing but keeps step with the
+        ranks that do (see ``_sample``)."""
+        if not sequences:
+            if policy.synced_generation:
+                empty = torch.zeros((0, 1), dtype=torch.long)
+                self._sample(policy, empty, empty, max_new_tokens)
+            return []
         prompt, prompt_mask = left_pad(sequences, self.tokenizer.pad_token_id)
         responses = self._sample(policy, prompt, prompt_mask, max_new_tokens)
         lengths = response_mask_until_eos(responses, self.eos_ids).sum(dim=1).int().tolist()
         return [
-            Sampled(row[:n], None, n > 0 and row[n - 1] in self.eos_ids)
-            for row, n in zip(responses.tolist(), lengths)
+            Sampled(row[:n], None, n > 0 and row[n - 1] in self.eos_ids) for row, n in zip(responses.tolist(), lengths)
         ]
 
     def _sample(self, policy, prompt: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """[B, Lp] left-padded prompts -> [B, T] sampled tokens (pad after EOS), in chunks of
-        ``batch_size`` rows. Under ZeRO-3 the weights are gathered once for all chunks."""
+        ``batch_size`` rows. When generating is collective (``policy.synced_generation``: ZeRO-3 on
+        several ranks) every generate call runs in step over the ranks (transformers' ``synced_gpus``)
+        and every rank makes as many calls as the rank with the most chunks: one with fewer rows (a
+        multi-turn rollout whose episodes ended) generates from a one-token stand-in and discards it."""
         p = self.params
+        synced = policy.synced_generation
+        chunks = -(-prompt.shape[0] // p.batch_size)
+        if synced:
+            chunks = int(max_over_ranks(float(chunks)))
+        stand_in, stand_in_mask = (
+            torch.full((1, 1), self.eos_ids[0], dtype=torch.long),
+            torch.ones((1, 1), dtype=torch.long),
+        )
         sampling = (
             {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
             if p.temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        chunks = []
+        sampled = []
         with policy.generation_context():
             model = policy.unwrapped()
             was_training = model.training
             model.eval()
-            for start in range(0, prompt.shape[0], p.batch_size):
+            for start in range(0, chunks * p.batch_size, p.batch_size):
                 rows = slice(start, start + p.batch_size)
+                ids, mask = (prompt[rows], prompt_mask[rows]) if start < prompt.shape[0] else (stand_in, stand_in_mask)
                 with self.autocast():
                     out = model.generate(
-                        input_ids=prompt[rows], attention_mask=prompt_mask[rows], max_new_tokens=max_new_tokens,
-                        eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                        eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, synced_gpus=synced,
+                        **sampling,
                     )  # fmt: skip
-                chunks.append(out[:, prompt.shape[1] :])
+                if start < prompt.shape[0]:
+                    sampled.append(out[:, prompt.shape[1] :])
             model.train(was_training)
-        width = max(c.shape[1] for c in chunks)
+        if not sampled:
+            return torch.zeros((0, 1), dtype=torch.long)
+        width = max(c.shape[1] for c in sampled)
         return torch.cat(
-            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks]
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in sampled]
         )
 
 

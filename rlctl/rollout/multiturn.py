@@ -23,6 +23,7 @@ import torch
 
 from rlctl.batch import Batch
 from rlctl.data.prompts import render_messages, uses_chat_template
+from rlctl.distributed import any_rank
 from rlctl.envs.base import EnvSpec, Messages, Step, Task, checked_messages, checked_step
 from rlctl.errors import RlctlError
 from rlctl.rollout.hf import SamplingParams, left_pad
@@ -96,10 +97,12 @@ class EnvironmentRollout:
         budget = self.max_response_tokens
         for turn in range(self.spec.max_turns):
             live = [t for t in trajectories if t.live]
-            if not live:
+            # Ranks take turns together (under ZeRO-3 each turn gathers the weights, a collective): a
+            # rank whose episodes have all ended samples nothing while the others go on.
+            if not any_rank(bool(live)):
                 break
             room = [min(self.params.max_new_tokens, budget - len(t.response)) for t in live]
-            sampled = self.backend.complete(policy, [t.prompt_ids + t.response for t in live], max(room))
+            sampled = self.backend.complete(policy, [t.prompt_ids + t.response for t in live], max(room, default=1))
             for t, limit, sample in zip(live, room, sampled):
                 self._play(t, sample.token_ids[:limit], sample.logprobs, last_turn=turn == self.spec.max_turns - 1,
                            budget=budget)  # fmt: skip

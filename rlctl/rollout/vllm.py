@@ -307,7 +307,9 @@ class VLLMRollout:
         from vllm import SamplingParams as VLLMSampling
 
         p = self.params
-        self.load_weights_of(policy)
+        self.load_weights_of(policy)  # under ZeRO-3 a collective: every rank calls, with prompts or without
+        if not prompt_ids:
+            return []
         sampled = p.temperature > 0
         sampling = VLLMSampling(
             n=n,
