@@ -234,7 +234,7 @@ class EnvironmentRollout:
             group_ids=torch.arange(rows // group_size).repeat_interleave(group_size),
             prompts=[t for t in prompt_texts for _ in range(group_size)]
             if prompt_texts is not None
-            else [t.messages[0]["content"] for t in trajectories],
+            else [next((m["content"] for m in t.messages if m["role"] == "user"), "") for t in trajectories],
             completions=[t.last_reply for t in trajectories],
             answers=[a for a in answers for _ in range(group_size)],
             rollout_logprobs=logprobs if with_logprobs else None,
