@@ -22,7 +22,7 @@ from rlctl.algos.correction import MismatchCorrection
 from rlctl.checkpoint import CheckpointPolicy, drop_metrics_after, read_trainer_state, resolve_resume
 from rlctl.config import fill
 from rlctl.data import PromptSampler, PromptSet, encode_prompts, load_examples
-from rlctl.data.prompts import PromptFormat, render_messages, uses_chat_template
+from rlctl.data.prompts import PromptFormat, conversation, render_messages, uses_chat_template
 from rlctl.data.sources import SOURCES, SourceSpec
 from rlctl.distributed import Ranks, init_process_group, launched_ranks
 from rlctl.envs import EnvSpec, Task, checked_messages, environment_factory
@@ -417,7 +417,9 @@ def build_rollout(
     With an environment (``env``), the backend is driven turn by turn (``EnvironmentRollout``)."""
     env, response_tokens = env_settings(cfg.env, sampling)
     make_env = environment_factory(env)
-    env_prompt_tokens = environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling) if make_env else 0
+    env_prompt_tokens = (
+        environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling, first_task(cfg)) if make_env else 0
+    )
     if sampling.backend == "hf":
         backend = HFRollout(tokenizer, sampling, autocast)
     else:
@@ -438,18 +440,25 @@ def build_rollout(
     return EnvironmentRollout(backend, tokenizer, make_env, env, cfg.data.chat_template)
 
 
-def environment_prompt_tokens(make_env, tokenizer, chat_template: bool, sampling: SamplingParams) -> int:
-    """What an environment's first messages add to a prompt (a tool environment's descriptions), in
-    tokens, from one reset on an empty question; and for a tool environment, a one-line refusal when
-    ``rollout.max_new_tokens`` cannot hold its shortest tool call."""
+def first_task(cfg: DictConfig) -> Task:
+    """The first training prompt as an environment's task (what ``environment_prompt_tokens`` tries)."""
+    example = read_examples(cfg)[0][0]
+    return Task(conversation(example, fill("data", cfg.data, SourceSpec, PromptFormat)[1]), example.answer or "",
+                example.origin)  # fmt: skip
+
+
+def environment_prompt_tokens(make_env, tokenizer, chat_template: bool, sampling: SamplingParams, task: Task) -> int:
+    """How long the environment's first messages for ``task`` are as a prompt, in tokens (a tool
+    environment adds its tools' descriptions); a one-line error when ``reset`` raises or returns no
+    messages, and for a tool environment when ``rollout.max_new_tokens`` cannot hold its shortest call."""
     env = make_env()
     where = f"env: {type(env).__name__}.reset"
     try:
-        first = checked_messages(env.reset(Task([{"role": "user", "content": ""}], "")), where)
+        first = checked_messages(env.reset(task), where)
     except RlctlError:
         raise
     except Exception as err:  # the user's environment may raise anything
-        raise RlctlError(f"{where} raised {type(err).__name__} on a task with an empty question: {err}") from None
+        raise RlctlError(f"{where} raised {type(err).__name__} on the first prompt ({task.origin}): {err}") from None
     text, has_special = render_messages(first, uses_chat_template(chat_template, tokenizer), tokenizer)
     shortest = getattr(env, "shortest_call", None)
     if shortest is not None:
@@ -615,7 +624,11 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     examples = read_examples(cfg, cfg.reward)  # data errors come before any model loads
     if settings.env.enabled:  # the environment starts, and a tool call fits in a reply, before any model loads
         tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        environment_prompt_tokens(environment_factory(settings.env), tokenizer, cfg.data.chat_template, settings.sampling)
+        train_examples = examples[0]
+        task = Task(conversation(train_examples[0], settings.prompt_format), train_examples[0].answer or "",
+                    train_examples[0].origin)  # fmt: skip
+        environment_prompt_tokens(environment_factory(settings.env), tokenizer, cfg.data.chat_template,
+                                  settings.sampling, task)  # fmt: skip
     shape = checked_model_shape(cfg, settings)  # from the model's config alone, before any weights load
     memory_plan = plan_for(cfg, settings, shape, rollout_sequences(cfg)) if ranks.is_main else ""
     policy_from = str(resume_from / "policy") if resume_from else None

@@ -473,9 +473,12 @@ def test_a_reply_limit_too_small_for_one_tool_call_is_refused_before_training(to
     with pytest.raises(
         RlctlError, match=r"rollout.max_new_tokens=8: too small for one tool call of CalculatorEnvironment"
     ):
-        environment_prompt_tokens(make, tokenizer, True, SamplingParams(max_new_tokens=8))
+        environment_prompt_tokens(make, tokenizer, True, SamplingParams(max_new_tokens=8), Task(QUESTION, "5541"))
     # enough: what the environment's first messages add to a prompt (the tool's description) is counted
-    assert environment_prompt_tokens(make, tokenizer, True, SamplingParams(max_new_tokens=64)) > 100
+    assert (
+        environment_prompt_tokens(make, tokenizer, True, SamplingParams(max_new_tokens=64), Task(QUESTION, "5541"))
+        > 100
+    )
 
 
 def test_the_largest_trajectory_is_every_reply_and_observation_at_its_limit():

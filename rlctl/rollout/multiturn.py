@@ -86,7 +86,8 @@ class EnvironmentRollout:
         conversations: list[Messages] | None = None,
     ) -> Batch:
         """Play ``group_size`` episodes from each prompt's conversation; rows p·G … p·G+G−1 belong to
-        prompt p. ``prompt_ids`` are unused: each environment's ``reset`` gives its first messages."""
+        prompt p. ``prompt_ids`` and ``prompt_texts`` are unused: each environment's ``reset`` gives
+        its first messages, and the batch shows their first user message."""
         if conversations is None:
             raise ValueError("a multi-turn rollout starts from the prompts' conversations")
         trajectories = [
@@ -106,7 +107,7 @@ class EnvironmentRollout:
             for t, limit, sample in zip(live, room, sampled):
                 self._play(t, sample.token_ids[:limit], sample.logprobs, last_turn=turn == self.spec.max_turns - 1,
                            budget=budget)  # fmt: skip
-        return self._batch(trajectories, answers, group_size, prompt_texts)
+        return self._batch(trajectories, answers, group_size)
 
     def _start(self, task: Task) -> Trajectory:
         env = self.make_env()
@@ -206,8 +207,7 @@ class EnvironmentRollout:
         text = self.tokenizer.decode(t.response, skip_special_tokens=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] != t.response
 
-    def _batch(self, trajectories: list[Trajectory], answers: list[str], group_size: int,
-               prompt_texts: list[str] | None) -> Batch:  # fmt: skip
+    def _batch(self, trajectories: list[Trajectory], answers: list[str], group_size: int) -> Batch:
         pad = self.tokenizer.pad_token_id
         prompt, prompt_mask = left_pad([t.prompt_ids for t in trajectories], pad)
         width = max(1, max(len(t.response) for t in trajectories))
@@ -232,9 +232,8 @@ class EnvironmentRollout:
             attention_mask=torch.cat([prompt_mask, attended], dim=1),
             response_mask=trained,
             group_ids=torch.arange(rows // group_size).repeat_interleave(group_size),
-            prompts=[t for t in prompt_texts for _ in range(group_size)]
-            if prompt_texts is not None
-            else [next((m["content"] for m in t.messages if m["role"] == "user"), "") for t in trajectories],
+            # what sample tables show: the question the environment asked, not the data's prompt it started from
+            prompts=[next((m["content"] for m in t.messages if m["role"] == "user"), "") for t in trajectories],
             completions=[t.last_reply for t in trajectories],
             answers=[a for a in answers for _ in range(group_size)],
             rollout_logprobs=logprobs if with_logprobs else None,
