@@ -82,13 +82,15 @@ def dry_run(cfg, run_dir: Path) -> None:
     print(f"config OK: model {cfg.model.path}, data {settings.source.source}, {cfg.steps} steps")
     print(data_line)
     print("; ".join(parts))
-    if settings.env.enabled:  # the environment starts, and one tool call fits in a reply (the tokenizer says)
-        from rlctl.build import environment_prompt_tokens, first_task
-        from rlctl.envs import environment_factory
-        from rlctl.models import load_tokenizer
+    if settings.env.enabled:
+        if not data_line.startswith("data: hub dataset"):  # the environment starts on the first prompt, a tool call fits
+            from rlctl.build import environment_prompt_tokens, first_task
+            from rlctl.envs import environment_factory
+            from rlctl.models import load_tokenizer
 
-        environment_prompt_tokens(environment_factory(settings.env), load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
-                                  cfg.data.chat_template, settings.sampling, first_task(cfg))  # fmt: skip
+            tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            environment_prompt_tokens(environment_factory(settings.env), tokenizer, cfg.data.chat_template,
+                                      settings.sampling, first_task(cfg))  # fmt: skip
         print(settings.env.describe(settings.sampling.max_new_tokens))
     print(settings.layout.describe(algo.update_name))
     print(plan_for(cfg, settings, shape, rollout_sequences(cfg)))
