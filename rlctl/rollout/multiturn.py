@@ -147,12 +147,9 @@ class EnvironmentRollout:
         if last_turn:  # the environment wants another reply and there are no turns left
             t.live, t.stats["truncated"] = False, 1.0
             return
-        body, header = self.observation_ids(t.messages, step.messages, ids[-1])
+        observation, cut = self.observation_ids(t.messages, step.messages, ids[-1])
         t.messages += step.messages
-        limit = self.spec.max_observation_tokens
-        if len(body) + len(header) > limit:  # keep the beginning, and the header the next reply follows
-            body, t.stats["observations_cut"] = body[: max(limit - len(header), 0)], t.stats["observations_cut"] + 1
-        observation = body + header
+        t.stats["observations_cut"] += cut
         room = budget - len(t.response)
         if len(observation) > room:
             observation, t.stats["truncated"], t.live = observation[:room], 1.0, False
@@ -175,13 +172,24 @@ class EnvironmentRollout:
             t.live, t.stats["step_errors"], t.stats["truncated"] = False, 1.0, 1.0
             return None
 
-    def observation_ids(self, before: Messages, observation: Messages, ended_with: int) -> tuple[list[int], list[int]]:
+    def observation_ids(self, before: Messages, observation: Messages, ended_with: int) -> tuple[list[int], bool]:
         """The tokens between the policy's end-of-turn token and its next reply, as the chat template
-        writes them: (the observation's messages, the next assistant header). ``before`` ends with
-        the reply just sampled, whose last token is ``ended_with``."""
+        writes them (the observation's messages, then the next assistant header), and whether they
+        were cut to ``env.max_observation_tokens`` (keeping the beginning and the header). ``before``
+        ends with the reply just sampled, whose last token is ``ended_with``."""
+        body, header = self._observation_text(before, observation, ended_with)
+        ids = self.tokenizer(body + header, add_special_tokens=False)["input_ids"]
+        limit = self.spec.max_observation_tokens
+        if len(ids) <= limit:
+            return ids, False
+        header_ids = self.tokenizer(header, add_special_tokens=False)["input_ids"]
+        body_ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
+        return body_ids[: max(limit - len(header_ids), 0)] + header_ids, True
+
+    def _observation_text(self, before: Messages, observation: Messages, ended_with: int) -> tuple[str, str]:
+        """(the observation's text after the end-of-turn token, the next assistant header)."""
         if not self.chat_template:
-            text = "\n" + "".join(f"{m['role']}: {m['content']}\n" for m in observation) + "assistant:"
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"], []
+            return "\n" + "".join(f"{m['role']}: {m['content']}\n" for m in observation), "assistant:"
         template = self.tokenizer.apply_chat_template
         base = template(before, tokenize=False)
         without_header = template(before + observation, tokenize=False)
@@ -196,10 +204,7 @@ class EnvironmentRollout:
         if not end_of_turn or cut < 0:
             raise RlctlError(f"env: the chat template does not end an assistant turn with {end_of_turn!r}, the token "
                              "the policy stops at, so the observation cannot follow it")  # fmt: skip
-        after_turn = base[cut + len(end_of_turn) :]
-        body = self.tokenizer(after_turn + without_header[len(base) :], add_special_tokens=False)["input_ids"]
-        header = self.tokenizer(full[len(without_header) :], add_special_tokens=False)["input_ids"]
-        return body, header
+        return base[cut + len(end_of_turn) :] + without_header[len(base) :], full[len(without_header) :]
 
     def drifts(self, t: Trajectory) -> bool:
         """Whether the trajectory's text, tokenised again, differs from its tokens (a diagnostic:
