@@ -17,7 +17,7 @@ from rlctl.build import build_train
 from rlctl.cli import CONF_DIR
 from rlctl.config import register_schemas
 from rlctl.errors import RlctlError
-from rlctl.optim.scoring import response_logprobs
+from rlctl.optim.scoring import response_logprobs, score_in_chunks
 from rlctl.trainer import TrainState, train_step
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
@@ -181,6 +181,28 @@ def test_a_step_reports_the_mismatch_and_trains_with_rollout_logprobs(tmp_path, 
     assert batch_metrics["rollout/is_clipped_frac"] == 0.0
     assert batch_metrics["rollout/is_weight_mean"] == pytest.approx(1.0, abs=0.05)
     assert batch_metrics["time/weight_sync_s"] >= 0
+
+
+@pytest.mark.integration
+def test_after_an_update_the_engine_does_not_reuse_a_prompts_cached_keys_and_values(tmp_path):
+    # A system prompt of > 128 tokens fills a whole KV block (the CPU block size), which vLLM's prefix
+    # cache keeps and reuses for every prompt that starts with it. Keys and values computed with the
+    # weights before an update are wrong after it: the engine must drop them when its weights change,
+    # or it samples from a mix of the old and the new policy (log-probs far from the trainer's).
+    system = "You are a careful assistant. " * 40
+    stages = build(tmp_path, f"data.system_prompt='{system}'", "optim.lr=5e-2", "algo.kl_coef=0",
+                   "data.max_prompt_tokens=512", SMOKE_REWARD)  # fmt: skip
+    assert len(stages.train_prompts.token_ids[0]) > 200
+    torch.manual_seed(0)
+    train_step(stages, TrainState(step=1, kl_coef=0.0))  # the rollout fills the cache, the update moves the weights
+    stages.rollout.load_weights_of(stages.policy)
+    batch = stages.rollout.generate(stages.policy, stages.train_prompts.token_ids[:2], ["", ""], 2)
+    def logp(m, ids, mask, length):
+        return response_logprobs(m, ids, mask, length, 1.0)[0]
+
+    trainer = score_in_chunks(logp, stages.policy.model, batch, 4, stages.policy.autocast)
+    mask = batch.response_mask.bool()
+    assert (trainer[mask] - batch.rollout_logprobs[mask]).abs().mean() < 0.05
 
 
 @pytest.mark.integration

@@ -245,6 +245,10 @@ class VLLMEngine:
         if self.tensor_parallel_size > 1:  # the engine's workers are other processes: they need a picklable list
             weights = list(weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # The prefix cache keeps the keys and values of every full block of a prompt it has seen, computed
+        # with the weights of then: a prompt that starts the same way (a long system prompt, a tool list,
+        # the held-out set) would reuse them and be sampled by a mix of the old and the new policy.
+        self.llm.reset_prefix_cache()
         self.holds = wanted
 
 
