@@ -73,7 +73,9 @@ def dry_run(cfg, run_dir: Path) -> None:
              f"critic {'yes' if algo.needs_values else 'no'}", f"reference {'yes' if algo.needs_reference else 'no'}",
              f"old log-probs {'stored before the first update' if algo.needs_old_logprobs(settings.layout.updates_per_step) else 'not needed (one update per step)'}"]  # fmt: skip
     if algo.trust_region:
-        fisher = max(1, round(algo.fisher_fraction * settings.layout.minibatch_size))
+        from rlctl.optim.trust_region import fisher_row_count
+
+        fisher = fisher_row_count(settings.layout.minibatch_size, algo.fisher_fraction)
         parts.append(f"one trust-region step per minibatch (max_kl {algo.max_kl:g}), CG iterations {algo.cg_iters}, "
                      f"Fisher on {fisher} samples, line search of {algo.line_search_steps} tries")  # fmt: skip
     check_reward_functions(cfg.reward)

@@ -20,6 +20,15 @@ N processes, L the largest layer's parameters:
   and with gradient checkpointing only each layer's input (h) plus one layer recomputed at a time.
 - the log-prob chunk: the LM head's logits for ``chunk_tokens`` tokens in fp32, with their
   log-softmax and gradient (3 × chunk × vocab × 4).
+- a trust-region run's Fisher products: the double backward keeps, for all Fisher rows at once (not
+  micro-batched), the forward graph and the first backward's graph over every token, the math
+  attention kernel's weights (heads × length per token and layer: the only kernel with second
+  derivatives), FISHER_VOCAB_TENSORS fp32 tensors of rows × response × vocab (the full-vocabulary
+  log-probs, their old copy, the KL's terms and their gradients) and FISHER_PARAMETER_VECTORS
+  fp32 vectors of the trainable size (the first derivative kept with its graph, each product's
+  per-parameter pieces). The bytes per value are measured, not derived: ``scripts/fisher_memory.py``
+  prints the measured peak beside this row (SmolLM2-135M: 13.9 B per value under bf16 autocast,
+  18.7 B in fp32, 13.6 vocab tensors).
 - the process itself (on CPU: the interpreter and libraries, measured now).
 """
 
@@ -33,6 +42,9 @@ import torch
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CG_VECTORS = 6  # x, r, p, F·p, g and the tried step, each the size of the trainable parameters
+FISHER_BYTES_PER_VALUE = {"bf16": 14, "fp16": 14, "no": 19}  # both graphs of the double backward, measured
+FISHER_VOCAB_TENSORS = 14  # fp32 [rows, response, vocab] tensors alive during a Fisher product, measured
+FISHER_PARAMETER_VECTORS = 3  # fp32 vectors of the trainable size beyond the CG vectors, measured
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class ModelShape:
     layers: int
     vocab: int
     kv_width: int  # key/value heads × head size
+    heads: int  # attention heads (the math kernel keeps their weights for a double backward)
     intermediate: int  # MLP width a token passes through (active experts' for a mixture of experts)
     experts: int  # 0 for a dense model
 
@@ -94,7 +107,7 @@ def shape_of(config) -> ModelShape:
         body=sum(unique.values()) - head_size,
         largest_layer=max([embedding, head_size, *decoder_layers]),
         lora_shapes=linear, hidden=text.hidden_size, layers=text.num_hidden_layers, vocab=text.vocab_size,
-        kv_width=kv_heads * head_dim, intermediate=intermediate, experts=experts,
+        kv_width=kv_heads * head_dim, heads=heads, intermediate=intermediate, experts=experts,
     )  # fmt: skip
 
 
@@ -125,6 +138,9 @@ class PlanInputs:
     needs_critic: bool = False
     critic_lora_r: int = 0
     trust_region: bool = False
+    fisher_rows: int = 0  # trust region: the minibatch's samples the Fisher products run on, at once
+    sequence_tokens: int = 0  # the longest row: prompt + response limits
+    response_tokens: int = 0  # rollout.max_new_tokens (+ observations, multi-turn)
     rollout: str = "hf"  # hf | vllm
     engine_bytes: int = 0  # the rollout engine's KV cache (CPU) or its whole share (GPU), bytes
     on_gpu: bool = False
@@ -194,6 +210,19 @@ def _activations(inputs: PlanInputs) -> tuple[int, str]:
     return values * value_bytes, note
 
 
+def _fisher_products(inputs: PlanInputs) -> tuple[int, str]:
+    """The double backward's graphs over the Fisher rows (module docstring)."""
+    s, rows, length = inputs.shape, inputs.fisher_rows, inputs.sequence_tokens
+    per_token = s.layers * (8 * s.hidden + 2 * s.kv_width + 5 * s.intermediate + s.heads * length)
+    body = rows * length * per_token * FISHER_BYTES_PER_VALUE[inputs.precision]
+    vocab = FISHER_VOCAB_TENSORS * rows * inputs.response_tokens * s.vocab * 4
+    trainable = s.lora_parameters(inputs.lora_r, list(inputs.lora_targets)) if inputs.lora_r else s.parameters
+    vectors = FISHER_PARAMETER_VECTORS * trainable * 4
+    note = (f"{rows} rows × {length} tokens, all at once: graphs {body / GIB:.2f} + vocab {vocab / GIB:.2f} + "
+            f"{FISHER_PARAMETER_VECTORS} vectors {vectors / GIB:.2f} (algo.fisher_fraction sets the rows)")
+    return body + vocab + vectors, note
+
+
 def memory_plan(inputs: PlanInputs) -> Plan:
     """Every term of one process's peak, in bytes (module docstring)."""
     s = inputs.shape
@@ -237,6 +266,9 @@ def memory_plan(inputs: PlanInputs) -> Plan:
             f"3 × {inputs.chunk_tokens} tokens × vocab {s.vocab} × 4 B",
         )
     )
+    if inputs.trust_region and inputs.fisher_rows:
+        fisher, note = _fisher_products(inputs)
+        rows.append(("Fisher products (trust region)", fisher, note))
     if inputs.process_bytes:
         rows.append(
             ("this process before loading", inputs.process_bytes, "measured now (interpreter, torch, libraries)")
@@ -269,6 +301,7 @@ REMEDIES = (
     ("deepspeed=zero3", lambda i: replace(i, zero_stage=3) if i.world_size > 1 and (i.zero_stage or 0) < 3 and not i.trust_region else None),
     ("deepspeed.offload_optimizer=true", lambda i: replace(i, offload_optimizer=True) if i.zero_stage and not i.offload_optimizer else None),
     ("optim.micro_batch_size=<half>", lambda i: replace(i, micro_batch_tokens=i.micro_batch_tokens // 2) if i.micro_batch_tokens > 1 else None),
+    ("algo.fisher_fraction=<half>", lambda i: replace(i, fisher_rows=i.fisher_rows // 2) if i.trust_region and i.fisher_rows > 1 else None),
     ("rollout=hf", lambda i: replace(i, rollout="hf", engine_bytes=0) if i.rollout == "vllm" else None),
     ("rollout.gpu_memory_utilization=<lower>", lambda i: replace(i, engine_bytes=i.engine_bytes // 2) if i.rollout == "vllm" and i.on_gpu else None),
 )  # fmt: skip
@@ -337,6 +370,7 @@ def plan_inputs(cfg, settings, shape: ModelShape, rollout_sequences: int) -> Pla
     """The plan's inputs from a composed ``train`` config and its checked settings; ``rollout_sequences``:
     the most sequences one rollout asks the engine for (what its CPU KV cache is sized for)."""
     from rlctl.optim.scoring import LOGPROB_CHUNK_TOKENS
+    from rlctl.optim.trust_region import fisher_row_count
 
     on_gpu = torch.cuda.is_available()
     layout, zero, algo = settings.layout, settings.zero, settings.algo
@@ -359,6 +393,8 @@ def plan_inputs(cfg, settings, shape: ModelShape, rollout_sequences: int) -> Pla
         gradient_checkpointing=cfg.model.gradient_checkpointing, micro_batch_tokens=layout.largest_micro_batch_tokens,
         chunk_tokens=LOGPROB_CHUNK_TOKENS, needs_reference=algo.needs_reference, needs_critic=algo.needs_values,
         critic_lora_r=cfg.critic.lora.r, trust_region=algo.trust_region, rollout=settings.sampling.backend,
+        fisher_rows=fisher_row_count(layout.minibatch_size, algo.fisher_fraction) if algo.trust_region else 0,
+        sequence_tokens=layout.max_prompt_tokens + layout.max_new_tokens, response_tokens=layout.max_new_tokens,
         engine_bytes=engine_bytes, on_gpu=on_gpu, process_bytes=0 if on_gpu else process_bytes(),
     )  # fmt: skip
 

@@ -112,6 +112,22 @@ def test_gradient_checkpointing_keeps_one_hidden_state_per_layer_and_one_layer_w
     assert checkpointed == 100 * (2 * 64 + per_layer) * 4
 
 
+def test_a_trust_region_plan_counts_the_fisher_graph_of_every_fisher_row_at_once():
+    inputs = PlanInputs(shape=TINY, precision="no", trust_region=True, fisher_rows=8, sequence_tokens=100,
+                        response_tokens=20, needs_reference=False)  # fmt: skip
+    plan = rows(memory_plan(inputs))
+    # both graphs: 8 rows × 100 tokens × 2 layers × (8h + 2kv + 5i + heads × 100 attention weights)
+    # values × 19 B (fp32, measured); 14 fp32 tensors of 8 rows × 20 response tokens × vocab 49152;
+    # 3 fp32 vectors of the 3,219,776 parameters.
+    per_token = 2 * (8 * 64 + 2 * 32 + 5 * 128 + TINY.heads * 100)
+    graphs, vocab, vectors = 8 * 100 * per_token * 19, 14 * 8 * 20 * 49152 * 4, 3 * 3_219_776 * 4
+    assert plan["Fisher products (trust region)"] == graphs + vocab + vectors
+    halved = rows(memory_plan(replace(inputs, fisher_rows=4)))["Fisher products (trust region)"]
+    assert halved == (graphs + vocab) // 2 + vectors  # the rows' part is linear in the rows
+    assert "algo.fisher_fraction=<half>" in dict(remedies(inputs))
+    assert "Fisher products (trust region)" not in rows(memory_plan(replace(inputs, trust_region=False, fisher_rows=0)))
+
+
 def test_a_plan_that_does_not_fit_warns_once_with_the_three_settings_that_save_most():
     qwen = shape_of(config_of("Qwen/Qwen2.5-1.5B-Instruct"))
     inputs = PlanInputs(shape=qwen, world_size=8, zero_stage=2, precision="bf16", micro_batch_tokens=4096)

@@ -52,11 +52,15 @@ def fisher_vector_product(kl: torch.Tensor, params: list[torch.Tensor]):
     return product
 
 
+def fisher_row_count(size: int, fraction: float) -> int:
+    """How many of a minibatch's ``size`` samples the Fisher products use: a share, at least one."""
+    return max(1, round(fraction * size))
+
+
 def fisher_rows(size: int, fraction: float) -> torch.Tensor:
-    """The rows the Fisher products use: a random ``fraction`` of the minibatch (at least one), from
-    the global RNG, so a resumed run draws the same ones."""
-    count = max(1, round(fraction * size))
-    return torch.randperm(size)[:count].sort().values
+    """The rows the Fisher products use: a random ``fraction`` of the minibatch, from the global RNG,
+    so a resumed run draws the same ones."""
+    return torch.randperm(size)[: fisher_row_count(size, fraction)].sort().values
 
 
 def trust_region_update(
