@@ -418,7 +418,9 @@ def build_rollout(
     env, response_tokens = env_settings(cfg.env, sampling)
     make_env = environment_factory(env)
     env_prompt_tokens = (
-        environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling, first_task(cfg)) if make_env else 0
+        environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling, first_task(cfg))
+        if make_env
+        else 0
     )
     if sampling.backend == "hf":
         backend = HFRollout(tokenizer, sampling, autocast)

@@ -85,7 +85,8 @@ def dry_run(cfg, run_dir: Path) -> None:
     print(data_line)
     print("; ".join(parts))
     if settings.env.enabled:
-        if not data_line.startswith("data: hub dataset"):  # the environment starts on the first prompt, a tool call fits
+        # the environment starts on the first prompt, a tool call fits (hub data is not read by the dry run)
+        if not data_line.startswith("data: hub dataset"):
             from rlctl.build import environment_prompt_tokens, first_task
             from rlctl.envs import environment_factory
             from rlctl.models import load_tokenizer
@@ -133,7 +134,9 @@ def train_in(cfg, run_dir: Path, command: str = "rlctl train") -> dict:
                 (final / "README.md").write_text(model_card(run_dir, config, command))
             best = run_dir / "checkpoints" / "best" / "best.json"
             if best.is_file():
-                (best.parent / "README.md").write_text(model_card(run_dir, config, command, json.loads(best.read_text())))
+                (best.parent / "README.md").write_text(
+                    model_card(run_dir, config, command, json.loads(best.read_text()))
+                )
             stages.logger.message(f"curves: {plot_run(run_dir)}")
         return summary
     finally:
@@ -295,7 +298,11 @@ def task_settings_of(run: Path, config) -> dict:
         return {"data": config["data"], "reward": config["reward"], "rollout": config["rollout"],
                 **({"env": config["env"]} if "env" in config else {})}  # fmt: skip
     if "examples_per_step" in config:  # rlctl sft
-        return {"data": data, "reward": config["reward"], "rollout": {"max_new_tokens": config["eval"]["max_new_tokens"]}}
+        return {
+            "data": data,
+            "reward": config["reward"],
+            "rollout": {"max_new_tokens": config["eval"]["max_new_tokens"]},
+        }
     if "loss_type" in config:  # rlctl dpo
         if config["data"]["source"] != "arithmetic":
             raise RlctlError(
@@ -421,7 +428,9 @@ def run_eval(cfg) -> dict:
         fail("eval: no held-out prompts to evaluate on (check data.* and eval.enabled)")
     results = evaluator(policy)  # a reward that failed on every sample: one line, exit 1, no score
     if evaluator.last_failures:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(evaluator.last_failures)}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[yellow]warning:[/yellow] {escape(evaluator.last_failures)}", highlight=False, soft_wrap=True
+        )
     results = {"model": cfg.model.path, "data": cfg.data.source, **results,
                "accuracy_counts": f"correct when {rewards.accuracy_meaning}"}  # fmt: skip
     print(json.dumps(results, indent=2))
@@ -464,7 +473,9 @@ def run_generate(cfg) -> list:
     for i, completion in enumerate(batch.completions):
         example = prompts.examples[i // cfg.n]
         shown = completion if batch.conversations is None else episode_text(batch.conversations[i])
-        table.add_row(escape(example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt)), escape(shown))
+        table.add_row(
+            escape(example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt)), escape(shown)
+        )
     Console().print(table)
     return batch.completions
 
@@ -489,8 +500,10 @@ def report(run_dir: str) -> None:
     if (folder / "eval.json").exists():
         print((folder / "eval.json").read_text().strip())
     else:
-        print(f"no held-out results: {folder} has no eval.json (eval.enabled=false, or the run stopped before its "
-              "final evaluation; rlctl eval model.path=RUN_DIR measures it now)")
+        print(
+            f"no held-out results: {folder} has no eval.json (eval.enabled=false, or the run stopped before its "
+            "final evaluation; rlctl eval model.path=RUN_DIR measures it now)"
+        )
 
 
 def list_recipes() -> list[tuple[str, str]]:

@@ -76,7 +76,8 @@ class CriticConfig:
     lr: float = 2e-5  # critic AdamW learning rate
     warmup_steps: int = 0  # steps at the start during which only the critic trains
     max_grad_norm: float = 1.0  # clip the critic's gradient norm (0 = off)
-    lora: LoraConfig = field(default_factory=LoraConfig)  # the critic's own adapter (r > 0); its value head trains whole
+    # the critic's own adapter (r > 0); its value head trains whole
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class ModelConfig:
     dtype: str = "float32"  # weight dtype: float32 | bfloat16 (mixed precision is engine.precision)
     trust_remote_code: bool = False  # run model code shipped with the checkpoint; only for sources you trust
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters on frozen weights (r > 0); the reference is the base
+    # low-rank adapters on frozen weights (r > 0); the reference is the base
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class RewardTerm:
 
 @dataclass
 class JudgeConfig:
-    model_path: str | None = None  # judge term: a causal LM asked whether the reply is right; None = the policy's model.path
+    # judge term: a causal LM asked whether the reply is right; None = the policy's model.path
+    model_path: str | None = None
     # judge term: question (the template as one user turn, quoting the reply) | conversation (the policy's chat, the reply
     # as the assistant's turn, then the template as the next user turn); None: the trained judge's own, else question
     form: str | None = None
@@ -159,7 +162,8 @@ class RewardConfig:
     url: str | None = None  # http term: reward server; POST {prompts, completions, answers} -> {scores}
     headers: dict[str, str] = field(default_factory=dict)  # http: header -> env variable (+reward.headers.X=VAR)
     retries: int = 2  # http term: further tries after a connection error, a timeout (timeout_s) or a 429/5xx
-    judge: JudgeConfig = field(default_factory=JudgeConfig)  # judge term: score P(Yes) / (P(Yes) + P(No)) of a causal LM
+    # judge term: score P(Yes) / (P(Yes) + P(No)) of a causal LM
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -183,13 +187,16 @@ class RolloutConfig:
 @dataclass
 class EnvConfig:
     name: str = "none"  # none (one reply per prompt) | calculator (a tool that works out arithmetic) | tools (env.tools) | custom (env.cls)
-    cls: str | None = None  # custom: path/to/file.py:ClassName, a class with reset(task) -> messages and step(reply) -> Step
-    tools: list[str] = field(default_factory=list)  # tools: typed functions with docstrings, path/to/file.py:function each
+    # custom: path/to/file.py:ClassName, a class with reset(task) -> messages and step(reply) -> Step
+    cls: str | None = None
+    # tools: typed functions with docstrings, path/to/file.py:function each
+    tools: list[str] = field(default_factory=list)
     max_turns: int = 4  # replies of the policy per trajectory (each up to rollout.max_new_tokens)
     max_observation_tokens: int = 64  # longer observations (tool results) are cut to this many tokens, and counted
     max_total_tokens: int = 0  # replies and observations of one trajectory together (0 = what max_turns allows)
     mask_truncated: bool = False  # trajectories that hit a limit (or whose environment failed) take no part in the loss
-    tool_timeout_s: float = 5.0  # a tool call running longer returns an error to the policy (and counts as a tool error)
+    # a tool call running longer returns an error to the policy (and counts as a tool error)
+    tool_timeout_s: float = 5.0
 
 
 @dataclass
@@ -240,7 +247,8 @@ class EvalConfig:
     # rising while this one does not): a rule (exact_number, gsm8k, math_verify), reward_model, http or judge (set up
     # by the reward group's keys), or path/to/file.py:function; None = off
     gold: str | None = None
-    gold_patience: int = 2  # warn once when the best gold is this many evaluations old and each since scored a higher trained reward
+    # warn once when the best gold is this many evaluations old and each since scored a higher trained reward
+    gold_patience: int = 2
 
 
 @dataclass
@@ -360,7 +368,8 @@ class RMConfig:
     epochs: float = 2.0  # passes over the training pairs (when steps = 0)
     steps: int = 0  # optimiser updates; 0 = as many as `epochs` take
     margin: float = 0.0  # added to every pair's own margin: loss = −log σ(r_chosen − r_rejected − margin)
-    center_rewards_coefficient: float = 0.0  # c of the added c·mean((r_chosen + r_rejected)²), keeping scores near 0 (TRL's); 0 = off
+    # c of the added c·mean((r_chosen + r_rejected)²), keeping scores near 0 (TRL's); 0 = off
+    center_rewards_coefficient: float = 0.0
     # scalar: a one-label head trained by Bradley-Terry (reward=model) | judge: the causal LM taught to answer "Yes" for
     # the chosen reply and "No" for the rejected one under judge_template (reward=judge)
     head: str = "scalar"
@@ -395,7 +404,8 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the causal LM to fine-tune
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)  # the rules that judge held-out accuracy
-    optim: OptimConfig = field(default_factory=OptimConfig)  # micro_batch_size counts demonstrations; minibatch_size must be 0
+    # micro_batch_size counts demonstrations; minibatch_size must be 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)

@@ -133,7 +133,9 @@ def reply_logprobs(
 
 
 @torch.no_grad()
-def reference_logprobs(model, replies: EncodedReplies, pad_id: int, batch_size: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(
+    model, replies: EncodedReplies, pad_id: int, batch_size: int, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref of every pair's chosen and rejected reply, [N] each, ``batch_size`` pairs at a time."""
     chosen, rejected = [], []
     for start in range(0, len(replies), batch_size):
@@ -273,7 +275,9 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
             logger.message(f"[yellow]data: {part.skipped} {name} pairs skipped (a side longer than "
                            f"data.max_tokens={data.max_tokens})")  # fmt: skip
     task_accuracy = eval_spec.task_accuracy and data.source == "arithmetic"  # evaluates held-out problems, not pairs
-    say_when_nothing_is_held_out(logger, "pairs", len(train), len(held_out), settings.eval_enabled and not task_accuracy)
+    say_when_nothing_is_held_out(
+        logger, "pairs", len(train), len(held_out), settings.eval_enabled and not task_accuracy
+    )
     evaluator = None
     if task_accuracy:
         exact_number = WeightedRewards([Term("exact_number", 1.0, {})])  # how `rlctl train` judges the task
@@ -289,4 +293,3 @@ def build_dpo(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun
         checkpoints=fill("checkpoint", cfg.checkpoint, CheckpointPolicy), run_dir=run_dir, steps=steps,
         save_final=cfg.save_final, ranks=ranks, resume_from=resume_from, resume_command=resume_command, config=config,
     )  # fmt: skip
-

@@ -56,7 +56,7 @@ class HeldOutRewardFailed(RlctlError):
 
 
 def failure_note(failures: dict[str, tuple[int, str]], samples: int) -> str:
-    """"reward 'r.py:score' failed on 3 of 8 held-out samples (scored reward.fallback): ValueError: boom"."""
+    """ "reward 'r.py:score' failed on 3 of 8 held-out samples (scored reward.fallback): ValueError: boom"."""
     return "; ".join(f"reward {name!r} failed on {count} of {samples} held-out samples (scored reward.fallback): {first}"
                      for name, (count, first) in failures.items())  # fmt: skip
 
@@ -87,7 +87,10 @@ class Evaluator:
         if len(self.prompts) == 0:
             return {}
         batch = self.rollout.generate(
-            policy, self.prompts.token_ids, [e.answer for e in self.prompts.examples], self.n_samples,
+            policy,
+            self.prompts.token_ids,
+            [e.answer for e in self.prompts.examples],
+            self.n_samples,
             conversations=self.prompts.conversations,
         )
         chats = reward_chats(batch, self.prompts.conversations, self.n_samples)

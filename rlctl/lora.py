@@ -27,7 +27,8 @@ class LoraSpec:
     r: int  # rank; 0 = no adapter, the whole model trains
     alpha: float  # scale s = alpha / r
     dropout: float  # dropout on the adapter's input
-    target_modules: list[str]  # names (or suffixes) of the linear layers that get an adapter; ["all-linear"] = all but the head
+    # names (or suffixes) of the linear layers that get an adapter; ["all-linear"] = all but the head
+    target_modules: list[str]
 
     def __post_init__(self) -> None:
         checks = (("r", self.r >= 0, "must be ≥ 0 (0 = no LoRA)"),

@@ -218,8 +218,10 @@ def _fisher_products(inputs: PlanInputs) -> tuple[int, str]:
     vocab = FISHER_VOCAB_TENSORS * rows * inputs.response_tokens * s.vocab * 4
     trainable = s.lora_parameters(inputs.lora_r, list(inputs.lora_targets)) if inputs.lora_r else s.parameters
     vectors = FISHER_PARAMETER_VECTORS * trainable * 4
-    note = (f"{rows} rows × {length} tokens, all at once: graphs {body / GIB:.2f} + vocab {vocab / GIB:.2f} + "
-            f"{FISHER_PARAMETER_VECTORS} vectors {vectors / GIB:.2f} (algo.fisher_fraction sets the rows)")
+    note = (
+        f"{rows} rows × {length} tokens, all at once: graphs {body / GIB:.2f} + vocab {vocab / GIB:.2f} + "
+        f"{FISHER_PARAMETER_VECTORS} vectors {vectors / GIB:.2f} (algo.fisher_fraction sets the rows)"
+    )
     return body + vocab + vectors, note
 
 

@@ -121,7 +121,8 @@ class RewardModelObjective:
         def loss_fn(micro: PairBatch):
             chosen, rejected = pair_scores(engine.model, micro, self.pad_id, self.autocast)
             centring = self.center_coef * ((chosen + rejected) ** 2).sum()
-            loss = (bradley_terry_loss(chosen, rejected, micro.margins) + centring) / total_pairs  # this micro-batch's share
+            # this micro-batch's share of the whole batch's loss
+            loss = (bradley_terry_loss(chosen, rejected, micro.margins) + centring) / total_pairs
             gap = (chosen - rejected).detach()
             return loss, {"loss/rm": loss.detach(), "rm/centring": centring.detach() / total_pairs, "rm/accuracy": (gap > 0).float().mean(),
                           "rm/margin": gap.mean(), "rm/chosen": chosen.detach().mean(),
@@ -229,7 +230,6 @@ class JudgeObjective:
         import json
 
         return {TRAINED_JUDGE_FILE: json.dumps({"form": self.form, "template": self.template}, indent=2) + "\n"}
-
 
 
 def load_rm_model(path: str, tokenizer, dtype: str, trust_remote_code: bool, seed: int):

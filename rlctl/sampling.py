@@ -86,7 +86,9 @@ def check_reward_failures(s: Stages, state: TrainState, results: list) -> None:
             total, first_seen = failed.get(name, (0, first))
             failed[name] = (total + count, first_seen)
     for name, (count, first) in failed.items():
-        s.logger.message(f"[yellow]step {state.step}: reward {escape(repr(name))} failed on {count} samples: {escape(first)}")
+        s.logger.message(
+            f"[yellow]step {state.step}: reward {escape(repr(name))} failed on {count} samples: {escape(first)}"
+        )
     dead = next((name for r in results if (name := r.fully_failed())), None)
     every_rank_dead = not any_rank(dead is None)  # ranks decide together
     state.consecutive_reward_failures = state.consecutive_reward_failures + 1 if every_rank_dead else 0
@@ -109,7 +111,9 @@ def check_environment(s: Stages, state: TrainState, batch: Batch) -> None:
     if errors:
         s.logger.message(f"[yellow]step {state.step}: the environment failed on {len(errors)} of {batch.size} "
                          f"episodes (each ended there, flagged truncated): {escape(errors[0])}")  # fmt: skip
-    calls, failed = sum_over_ranks([float(batch.env_stats["tool_calls"].sum()), float(batch.env_stats["tool_errors"].sum())])
+    calls, failed = sum_over_ranks(
+        [float(batch.env_stats["tool_calls"].sum()), float(batch.env_stats["tool_errors"].sum())]
+    )
     state.consecutive_tool_failures = state.consecutive_tool_failures + 1 if calls > 0 and failed == calls else 0
     if state.consecutive_tool_failures >= s.max_failed_reward_steps:
         raise RlctlError(

@@ -70,9 +70,15 @@ class TokenBatch:
         return TokenBatch([self.ids[i] for i in picked], [self.masks[i] for i in picked])
 
 
-def sequence_nll(model, batch: TokenBatch, pad_id: int, pack_tokens: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_nll(
+    model, batch: TokenBatch, pad_id: int, pack_tokens: int, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ over covered tokens of −log π, their count) for a micro-batch, packed when ``pack_tokens`` > 0."""
-    rows = pack_rows(batch.ids, batch.masks, pack_tokens, pad_id) if pack_tokens else pad_rows(batch.ids, batch.masks, pad_id)
+    rows = (
+        pack_rows(batch.ids, batch.masks, pack_tokens, pad_id)
+        if pack_tokens
+        else pad_rows(batch.ids, batch.masks, pad_id)
+    )
     device = next(model.parameters()).device
     input_ids, attention, positions, loss_mask = (t.to(device) if t is not None else None for t in rows)
     with autocast():

@@ -51,7 +51,8 @@ class Stages:
     critic_warmup_steps: int = 0  # steps during which only the critic trains
     max_failed_reward_steps: int = 2  # stop when a reward term fails on every sample this many steps in a row
     eval_every: int = 0  # steps between evaluations (0 = before and after only)
-    gold_patience: int = 2  # evaluations since the best eval.gold, each with a higher trained reward, before the warning
+    # evaluations since the best eval.gold, each with a higher trained reward, before the warning
+    gold_patience: int = 2
     keep_best: str = "none"  # none | gold | reward: keep the best evaluated policy as checkpoints/best
     sample_every: int = 0  # steps between sample tables (0 = never)
     samples_shown: int = 3

@@ -58,7 +58,11 @@ def main(out: Path, stage: int, micro: int) -> None:
 
         def loss_fn(part: Batch, engine=engine, algo=algo, totals=totals):
             logp, entropy = response_logprobs(
-                engine.model, part.input_ids, part.attention_mask, part.response_length, with_entropy=True,
+                engine.model,
+                part.input_ids,
+                part.attention_mask,
+                part.response_length,
+                with_entropy=True,
                 entropy_grad=True,
             )
             return algo.loss(logp, logp.detach(), part.advantages, part.response_mask, part.ref_logprobs, entropy,

@@ -211,8 +211,14 @@ def test_dry_run_prints_the_batch_layout_without_loading_a_model(tmp_path, overr
     # weights would fail. 32 prompts × 8 = 256 samples in minibatches of 128: 2 updates.
     result = rlctl("train", "dry_run=true", *overrides, cwd=tmp_path)
     assert f"optimiser updates per step: {updates}" in result.stdout
-    for line in ("prompts per step:", "samples per step:", "minibatches:", "micro-batches:", "largest micro-batch:",
-                 "prompts: run once per micro-batch"):
+    for line in (
+        "prompts per step:",
+        "samples per step:",
+        "minibatches:",
+        "micro-batches:",
+        "largest micro-batch:",
+        "prompts: run once per micro-batch",
+    ):
         assert line in result.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder
 

@@ -16,7 +16,9 @@ def test_a_run_folder_stands_for_its_final_checkpoint(tmp_path, tokenizer, tiny_
 
 
 def test_a_critic_can_start_from_a_reward_model(tmp_path, tokenizer):
-    config = random_config("tiny", len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = random_config(
+        "tiny", len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     config.num_labels = 1
     reward_model = LlamaForSequenceClassification(config)
     reward_model.save_pretrained(tmp_path)
@@ -40,7 +42,9 @@ def test_unknown_paths_name_the_key():
         load_value_model("/no/such/model", None)
     with pytest.raises(RlctlError, match="^model.path: no such folder: /no/such/model"):
         resolve("/no/such/model")
-    with pytest.raises(RlctlError, match=r"^model.path: unknown random model 'random:huge'; known: \['random:tiny', 'random:qwen2'"):
+    with pytest.raises(
+        RlctlError, match=r"^model.path: unknown random model 'random:huge'; known: \['random:tiny', 'random:qwen2'"
+    ):
         load_causal_lm("random:huge", None)
     with pytest.raises(RlctlError, match=r"unknown embedded model 'embedded:gpt5'; known: \['embedded:smollm2-135m'\]"):
         resolve("embedded:gpt5")

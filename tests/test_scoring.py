@@ -161,7 +161,9 @@ def _groups(tokenizer):
     generator = torch.Generator().manual_seed(3)
     prompts = torch.randint(3, tokenizer.vocab_size, (2, 5), generator=generator)
     prompts[1, :2] = tokenizer.pad_token_id
-    input_ids = torch.cat([prompts.repeat_interleave(3, 0), torch.randint(3, tokenizer.vocab_size, (6, 4), generator=generator)], 1)
+    input_ids = torch.cat(
+        [prompts.repeat_interleave(3, 0), torch.randint(3, tokenizer.vocab_size, (6, 4), generator=generator)], 1
+    )
     lengths = torch.tensor([4, 2, 1, 3, 4, 2])
     response_mask = (torch.arange(4)[None, :] < lengths[:, None]).float()
     attention_mask = torch.cat([torch.ones(6, 5, dtype=torch.long), response_mask.long()], 1)
@@ -192,6 +194,7 @@ def test_completions_scored_after_one_shared_prompt_equal_their_rows_scored_alon
             logp, entropy = response_logprobs(model, input_ids, attention_mask, 4, temperature=0.7, with_entropy=True,
                                               entropy_grad=True, share_prompts=share)  # fmt: skip
             return logp * response_mask, entropy * response_mask
+
         return _values_and_grads(model, fn)
 
     alone, shared = scores(False), scores(True)
@@ -205,7 +208,9 @@ def test_sharing_prompts_scores_zero_past_each_response_and_runs_fewer_tokens(to
     model = load_causal_lm("random:tiny", tokenizer, seed=0)
     input_ids, attention_mask, response_mask = _groups(tokenizer)
     widths = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     with torch.no_grad():
         logp, _ = response_logprobs(model, input_ids, attention_mask, 4, share_prompts=True)
     # Two rows: 5 + 4 + 2 + 1 = 12 and 3 + 3 + 4 + 2 = 12 tokens, against 6 rows × 9 columns.

@@ -114,7 +114,9 @@ def test_worked_sums_by_hand(operands, text):
 def test_rows_as_messages_or_prompt_and_completion_and_bad_rows_named():
     source, fmt = SourceSpec(answer_field="answer"), PromptFormat(system_prompt="S")
     spec = DemonstrationSpec(completion_field="completion", messages_field="messages", max_tokens=64, pack=False)
-    demo = demonstration_from_row({"prompt": "Q", "completion": "A", "answer": "7"}, "f:1", SourceSpec(prompt_field="prompt"), fmt, spec)
+    demo = demonstration_from_row(
+        {"prompt": "Q", "completion": "A", "answer": "7"}, "f:1", SourceSpec(prompt_field="prompt"), fmt, spec
+    )
     assert demo.messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                              {"role": "assistant", "content": "A"}] and demo.answer == "7"  # fmt: skip
     assert demo.prompt == demo.messages[:2]
@@ -138,7 +140,9 @@ def test_packed_rows_give_the_loss_and_gradient_of_padded_ones(tiny_model, token
         tiny_model.zero_grad()
         nll, tokens = sequence_nll(tiny_model, batch, tokenizer.pad_token_id, pack_tokens, _no_autocast)
         nll.backward()
-        results.append((float(nll.detach()), float(tokens), {n: p.grad.clone() for n, p in tiny_model.named_parameters()}))
+        results.append(
+            (float(nll.detach()), float(tokens), {n: p.grad.clone() for n, p in tiny_model.named_parameters()})
+        )
     (padded, padded_tokens, padded_grad), (packed, packed_tokens, packed_grad) = results
     assert padded_tokens == packed_tokens == 5 + 2 + 3
     assert packed == pytest.approx(padded, rel=1e-5)
@@ -169,7 +173,10 @@ def test_micro_batches_and_packing_give_the_update_of_the_whole_batch(tmp_path):
     # 6 demonstrations as one micro-batch, as 4 + 2 (uneven), and packed 4 + 2: each micro-batch's
     # loss is its share of the 6 demonstrations' token mean, so the gradient is the same.
     whole, whole_metrics = one_step_gradient(tmp_path / "a", "examples_per_step=6", "optim.micro_batch_size=6")
-    for name, overrides in (("split", ["optim.micro_batch_size=4"]), ("packed", ["optim.micro_batch_size=4", "data.pack=true"])):
+    for name, overrides in (
+        ("split", ["optim.micro_batch_size=4"]),
+        ("packed", ["optim.micro_batch_size=4", "data.pack=true"]),
+    ):
         split, metrics = one_step_gradient(tmp_path / name, "examples_per_step=6", *overrides)
         assert metrics["loss/sft"] == pytest.approx(whole_metrics["loss/sft"], rel=1e-5)
         for key, value in whole.items():

@@ -37,7 +37,9 @@ def test_the_cpu_kv_cache_holds_one_rollouts_sequences_at_full_length_and_at_mos
     from rlctl.build import rollout_sequences
     from rlctl.rollout.vllm import cpu_kv_cache_bytes
 
-    LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64).save_pretrained(tmp_path)
+    LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64).save_pretrained(
+        tmp_path
+    )
     # Per token: 2 layers × 2 (K, V) × 2 KV heads × 16 (64 / 4 heads) values × 4 bytes (fp32) = 512 B.
     # 3 sequences of ≤ 130 tokens take 2 blocks of 128 each: 768 tokens -> 393,216 B; bf16 half.
     assert cpu_kv_cache_bytes(str(tmp_path), "no", 130, 3) == 393_216
@@ -197,6 +199,7 @@ def test_after_an_update_the_engine_does_not_reuse_a_prompts_cached_keys_and_val
     train_step(stages, TrainState(step=1, kl_coef=0.0))  # the rollout fills the cache, the update moves the weights
     stages.rollout.load_weights_of(stages.policy)
     batch = stages.rollout.generate(stages.policy, stages.train_prompts.token_ids[:2], ["", ""], 2)
+
     def logp(m, ids, mask, length):
         return response_logprobs(m, ids, mask, length, 1.0)[0]
 

@@ -172,9 +172,14 @@ def demonstration_from_row(row: dict, origin: str, source: SourceSpec, fmt: Prom
 def _jsonl(source: SourceSpec, fmt: PromptFormat, spec: DemonstrationSpec):
     if not source.path:
         raise RlctlError(f"data.path: the {source.source} source of rlctl sft needs a JSONL file (data.path=...)")
-    demos = [demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_rows(source.path, source.split)]
+    demos = [
+        demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_rows(source.path, source.split)
+    ]
     if source.eval_path:
-        held = [demonstration_from_row(row, origin, source, fmt, spec) for origin, row in read_rows(source.eval_path, source.eval_split)]
+        held = [
+            demonstration_from_row(row, origin, source, fmt, spec)
+            for origin, row in read_rows(source.eval_path, source.eval_split)
+        ]
         return demos, held
     return split_held_out(demos, source)
 

@@ -103,7 +103,9 @@ def _shared_prompt(chosen, rejected, origin: str) -> tuple:
         if not chosen[:shared].strip():
             raise RlctlError(f"data: row {origin} has no prompt, and its chosen and rejected texts share no beginning")
         return chosen[:shared], chosen[shared:], rejected[shared:]
-    raise RlctlError(f"data: row {origin} has no prompt; chosen and rejected must then both be texts or both conversations")
+    raise RlctlError(
+        f"data: row {origin} has no prompt; chosen and rejected must then both be texts or both conversations"
+    )
 
 
 def pair_from_row(row: dict, origin: str, system_prompt: str | None = None, fields: tuple[str, str, str] = (

@@ -153,7 +153,7 @@ TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # rea
 
 
 def is_hub_id(path: str) -> bool:
-    """"org/name" with no such local path and no file suffix: a hub dataset id."""
+    """ "org/name" with no such local path and no file suffix: a hub dataset id."""
     file = Path(path).expanduser()
     return not file.exists() and not file.suffix and not path.startswith((".", "/", "~")) and path.count("/") == 1
 
@@ -207,7 +207,9 @@ def _json_array_rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
         raise RlctlError(f"data: {file} is not valid JSON ({err.msg} at line {err.lineno})") from None
     bad = next((i for i, row in enumerate(table) if not isinstance(row, dict)), None)
     if bad is not None:
-        raise RlctlError(f"data: {file}: item {bad + 1} of the array is a JSON {type(table[bad]).__name__}, expected an object")
+        raise RlctlError(
+            f"data: {file}: item {bad + 1} of the array is a JSON {type(table[bad]).__name__}, expected an object"
+        )
     return [(f"{file}:{i + 1}", row) for i, row in enumerate(table)]
 
 
@@ -227,7 +229,9 @@ def _saved_dataset_rows(folder: Path, split: str) -> list[tuple[str, dict[str, A
     try:
         saved = datasets.load_from_disk(str(folder))
     except Exception as err:
-        raise RlctlError(f"data: {folder} is a folder but not one written by save_to_disk: {_first_line(err)}") from None
+        raise RlctlError(
+            f"data: {folder} is a folder but not one written by save_to_disk: {_first_line(err)}"
+        ) from None
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise RlctlError(f"data: {folder} has splits {sorted(saved)}, not {split!r}; pick one with data.split")

@@ -186,10 +186,14 @@ def pack_by_prompt(input_ids, attention_mask, response_length: int, packs: list[
     same = segment[:, :, None] == segment[:, None, :]
     sees_prompt = (segment[:, None, :] == 0) & (segment[:, :, None] >= 0)
     allowed = (causal & (same | sees_prompt)).unsqueeze(1)  # [n, 1, W, W]; padding sees padding: no empty rows
-    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = (
+        allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    )
     valid = torch.arange(response_length)[None, :] < torch.tensor(response_len)[:, None]
     device = input_ids.device
-    return PromptPacking(ids.to(device), mask.to(device), positions.to(device), source.to(device), valid.to(device), keep)
+    return PromptPacking(
+        ids.to(device), mask.to(device), positions.to(device), source.to(device), valid.to(device), keep
+    )
 
 
 def packing_for(model, input_ids, attention_mask, response_length: int) -> PromptPacking | None:
@@ -244,7 +248,9 @@ def response_values(
     With ``share_prompts`` rows with one prompt run it once, as in :func:`response_logprobs`."""
     packing = packing_for(critic, input_ids, attention_mask, response_length) if share_prompts else None
     if packing is not None:
-        return packing.gather(critic(packing.input_ids, packing.attention_mask, packing.position_ids)[:, -packing.keep :])
+        return packing.gather(
+            critic(packing.input_ids, packing.attention_mask, packing.position_ids)[:, -packing.keep :]
+        )
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     values = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return values[:, -response_length - 1 : -1]

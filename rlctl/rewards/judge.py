@@ -158,7 +158,6 @@ class JudgeReward:
         self.model = frozen_for_inference(model, zero)
         self.autocast = autocast or contextlib.nullcontext
 
-
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
         """σ(z_Yes − z_No) of each sample [N], z the judge's logits at the position after its prompt."""
