@@ -411,14 +411,16 @@ def rollout_sequences(cfg: DictConfig) -> int:
 
 
 def build_rollout(
-    cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: EngineFolder | None
-):
+    cfg: DictConfig, sampling: SamplingParams, vllm: VLLMSpec, tokenizer, autocast, model_folder: EngineFolder | None,
+    first: Task | None = None,
+):  # fmt: skip
     """The rollout backend: ``hf`` generates with the policy's model; ``vllm`` starts its engine here.
-    With an environment (``env``), the backend is driven turn by turn (``EnvironmentRollout``)."""
+    With an environment (``env``), the backend is driven turn by turn (``EnvironmentRollout``); its
+    first messages are tried on ``first`` (None: the data's first training prompt, read here)."""
     env, response_tokens = env_settings(cfg.env, sampling)
     make_env = environment_factory(env)
     env_prompt_tokens = (
-        environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling, first_task(cfg))
+        environment_prompt_tokens(make_env, tokenizer, cfg.data.chat_template, sampling, first or first_task(cfg))
         if make_env
         else 0
     )
@@ -442,11 +444,14 @@ def build_rollout(
     return EnvironmentRollout(backend, tokenizer, make_env, env, cfg.data.chat_template)
 
 
+def task_of(example, prompt_format: PromptFormat) -> Task:
+    """A data example as an environment's task: its conversation, its answer, where it came from."""
+    return Task(conversation(example, prompt_format), example.answer or "", example.origin)
+
+
 def first_task(cfg: DictConfig) -> Task:
     """The first training prompt as an environment's task (what ``environment_prompt_tokens`` tries)."""
-    example = read_examples(cfg)[0][0]
-    return Task(conversation(example, fill("data", cfg.data, SourceSpec, PromptFormat)[1]), example.answer or "",
-                example.origin)  # fmt: skip
+    return task_of(read_examples(cfg)[0][0], fill("data", cfg.data, SourceSpec, PromptFormat)[1])
 
 
 def environment_prompt_tokens(make_env, tokenizer, chat_template: bool, sampling: SamplingParams, task: Task) -> int:
@@ -626,11 +631,9 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
     examples = read_examples(cfg, cfg.reward)  # data errors come before any model loads
     if settings.env.enabled:  # the environment starts, and a tool call fits in a reply, before any model loads
         tokenizer = models.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        train_examples = examples[0]
-        task = Task(conversation(train_examples[0], settings.prompt_format), train_examples[0].answer or "",
-                    train_examples[0].origin)  # fmt: skip
+        first_prompt = task_of(examples[0][0], settings.prompt_format)
         environment_prompt_tokens(environment_factory(settings.env), tokenizer, cfg.data.chat_template,
-                                  settings.sampling, task)  # fmt: skip
+                                  settings.sampling, first_prompt)  # fmt: skip
     shape = checked_model_shape(cfg, settings)  # from the model's config alone, before any weights load
     memory_plan = plan_for(cfg, settings, shape, rollout_sequences(cfg)) if ranks.is_main else ""
     policy_from = str(resume_from / "policy") if resume_from else None
@@ -713,7 +716,8 @@ def build_train(cfg: DictConfig, run_dir: Path, resume_command: str = "rlctl tra
                         "data/prompts_skipped": train_prompts.skipped + held_out.skipped,
                         "data/prompts_truncated": train_prompts.truncated + held_out.truncated}, 0)  # fmt: skip
 
-    rollout = build_rollout(cfg, settings.sampling, settings.vllm, tokenizer, policy.autocast, rollout_folder)
+    rollout = build_rollout(cfg, settings.sampling, settings.vllm, tokenizer, policy.autocast, rollout_folder,
+                            first_prompt if settings.env.enabled else None)  # fmt: skip
     return Stages(
         tokenizer=tokenizer, policy=policy, critic=critic, reference=reference, rollout=rollout, rewards=rewards,
         algo=algo, layout=layout, sampling=settings.sampling, correction=settings.correction,

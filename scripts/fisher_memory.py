@@ -56,13 +56,14 @@ def child(rows: int, prompt: int, response: int, precision: str) -> None:
 
 def planned(rows: int, prompt: int, response: int, precision: str) -> float:
     from rlctl.models import config_of
-    from rlctl.plan import PlanInputs, _fisher_products, shape_of
+    from rlctl.plan import PlanInputs, memory_plan, shape_of
 
     shape = shape_of(config_of(MODEL))
     inputs = PlanInputs(shape=shape, precision=precision, trust_region=True, fisher_rows=rows,
                         sequence_tokens=prompt + response, response_tokens=response)  # fmt: skip
     # the probe's direction and product are two of the CG vectors the plan counts in its own row
-    return (_fisher_products(inputs)[0] + 2 * 4 * shape.parameters) / GIB
+    fisher = dict((name, size) for name, size, _ in memory_plan(inputs).rows)["Fisher products (trust region)"]
+    return (fisher + 2 * 4 * shape.parameters) / GIB
 
 
 def main() -> None:
