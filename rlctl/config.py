@@ -56,7 +56,7 @@ class AlgoConfig:
     update: str = "optimizer"  # the policy's update: optimizer (AdamW on the loss) | trust_region (TRPO's step)
     max_kl: float = 0.02  # trust_region: δ, the largest mean KL(π_old ‖ π_new) per trained token of one step
     cg_iters: int = 10  # trust_region: conjugate-gradient iterations for F⁻¹g
-    cg_damping: float = 0.1  # trust_region: damping added to the Fisher matrix (F + damping·I)
+    cg_damping: float = 0.1  # trust_region: damping added to the Fisher matrix (F + damping·I); algo=trpo sets 10
     fisher_fraction: float = 1.0  # trust_region: share of the minibatch's samples the Fisher-vector products use
     line_search_steps: int = 10  # trust_region: backtracking tries Δ, Δ/2, … before keeping θ unchanged
 
