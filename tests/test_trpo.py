@@ -146,22 +146,22 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_minibatch():
     assert torch.allclose((theta.detach() - start).reshape(-1), whole, atol=1e-10)
 
 
-def test_trpo_mistakes_are_one_line_before_any_model_loads():
+def test_trpo_mistakes_are_one_line_before_any_model_loads(tmp_path):
     with pytest.raises(ValueError, match="policy_loss: the trust-region step .* use policy_loss=surrogate"):
         Algorithm(update="trust_region", policy_loss="ppo_clip")
     for key, value, message in (("max_kl", 0.0, "must be > 0"), ("cg_iters", 0, "must be ≥ 1"),
                                 ("cg_damping", -1.0, "must be ≥ 0"), ("fisher_fraction", 1.5, "must be in \\(0, 1\\]")):  # fmt: skip
         with pytest.raises(ValueError, match=f"{key}: {message}"):
             Algorithm(update="trust_region", policy_loss="surrogate", **{key: value})
-    refused = rlctl("train", "algo=trpo", "deepspeed=zero3", "dry_run=true", check=False)
+    refused = rlctl("train", "algo=trpo", "deepspeed=zero3", "dry_run=true", check=False, cwd=tmp_path)
     assert refused.returncode == 1 and (
         "error: deepspeed: the trust-region step (algo=trpo) needs the whole parameters and gradient on every rank: "
         "it runs under deepspeed=none (one process), zero0 or zero1 (several), not ZeRO stage 3" in refused.stderr
     )
-    refused = rlctl("train", "algo=trpo", "engine.precision=fp16", "dry_run=true", check=False)
+    refused = rlctl("train", "algo=trpo", "engine.precision=fp16", "dry_run=true", check=False, cwd=tmp_path)
     assert refused.returncode == 1 and "error: engine.precision: the trust-region step" in refused.stderr
-    assert rlctl("train", "algo=trpo", "deepspeed=zero1", "dry_run=true").returncode == 0
-    described = rlctl("train", "algo=trpo", "dry_run=true")
+    assert rlctl("train", "algo=trpo", "deepspeed=zero1", "dry_run=true", cwd=tmp_path).returncode == 0
+    described = rlctl("train", "algo=trpo", "dry_run=true", cwd=tmp_path)
     assert (
         "one trust-region step per minibatch (max_kl 0.05), CG iterations 10, Fisher on 8 samples" in described.stdout
     )
