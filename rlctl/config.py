@@ -380,6 +380,9 @@ class RMConfig:
     # default without a reference answer ("Question … Reply … Does the reply answer the question correctly? Answer Yes
     # or No." | "Is your answer correct? Answer Yes or No.")
     judge_template: str | None = None
+    # head=judge: pairwise (Bradley-Terry on the verdict margins z_Yes − z_No of the chosen and the rejected question) |
+    # yes_no (cross-entropy of "Yes" after the chosen question and "No" after the rejected one)
+    judge_loss: str = "pairwise"
     save_final: bool = True  # write checkpoints/final (AutoModelForSequenceClassification format) at the end
 
 

@@ -12,8 +12,9 @@ with m_i the pair's margin (its row's ``margin`` plus ``margin`` of the config, 
 zero (Bradley-Terry sees only their differences, so their level drifts otherwise).
 
 ``head=judge`` keeps the causal LM with its own head (whole, or under a LoRA adapter) and teaches it
-to answer a question about one reply (``judge_form``, ``judge_template``): "Yes" for the chosen
-reply, "No" for the rejected one (``judge_loss``). Its
+to answer a question about one reply (``judge_form``, ``judge_template``): by default a higher
+verdict margin z_Yes − z_No for the chosen reply than for the rejected one (``judge_loss=pairwise``),
+or "Yes" for the chosen and "No" for the rejected (``yes_no``). Its
 score of a reply is then σ(z_Yes − z_No), read by ``reward=judge``; a held-out pair counts as right
 when the chosen reply's score is the higher.
 """
@@ -28,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlctl import models
-from rlctl.algos.preference import bradley_terry_loss, judge_loss
+from rlctl.algos.preference import JUDGE_LOSSES, JudgeLoss, bradley_terry_loss
 from rlctl.checkpoint import CheckpointPolicy
 from rlctl.config import fill
 from rlctl.data import PromptSampler
@@ -175,8 +176,8 @@ def encode_judge_questions(pairs, tokenizer, form: str, template: str, max_token
 
 @dataclass
 class JudgeObjective:
-    """A causal LM taught to answer "Yes" for the chosen reply and "No" for the rejected one
-    (``judge_loss``); evaluated by held-out pairwise accuracy of σ(z_Yes − z_No)."""
+    """A causal LM taught to say "Yes" to the chosen reply more readily than to the rejected one
+    (``loss``: pairwise or yes_no); evaluated by held-out pairwise accuracy of σ(z_Yes − z_No)."""
 
     model_name: str
     train_pairs: EncodedPairs  # the questions about each side, as judge prompts
@@ -188,6 +189,7 @@ class JudgeObjective:
     eval_batch_size: int
     pad_id: int
     autocast: object
+    loss: JudgeLoss  # JUDGE_LOSSES[judge_loss]
     next_command: str = "rlctl train reward=judge reward.judge.model_path={final}"
 
     def describe(self) -> str:
@@ -208,7 +210,7 @@ class JudgeObjective:
 
         def loss_fn(micro: PairBatch):
             chosen, rejected, p_chosen, p_rejected = self.scores(engine.model, micro)
-            loss = judge_loss(chosen, rejected, self.yes, self.no) / total_pairs  # this micro-batch's share
+            loss = self.loss(chosen, rejected, self.yes, self.no) / total_pairs  # this micro-batch's share
             return loss, {"loss/judge": loss.detach(), "rm/accuracy": (p_chosen > p_rejected).float().mean(),
                           "rm/margin": (p_chosen - p_rejected).mean(), "judge/p_yes_chosen": p_chosen.mean(),
                           "judge/p_yes_rejected": p_rejected.mean()}  # fmt: skip
@@ -282,6 +284,8 @@ def read_rm_settings(cfg: DictConfig, ranks: Ranks):
             if value != 0:
                 raise RlctlError(f"{key}: a Bradley-Terry setting; head=judge trains the Yes/No answer and takes none "
                                  f"(got {value})")  # fmt: skip
+        if cfg.judge_loss not in JUDGE_LOSSES:
+            raise RlctlError(f"judge_loss: must be one of {JUDGE_LOSSES.names()}, got {cfg.judge_loss!r}")
         if cfg.judge_form not in FORMS:
             raise RlctlError(f"judge_form: must be one of {list(FORMS)}, got {cfg.judge_form!r}")
         template = judge_template_of(cfg)
@@ -337,7 +341,7 @@ def build_rm(cfg: DictConfig, run_dir: Path, resume_command: str) -> OfflineRun:
     name = type(engine.unwrapped()).__name__
     if judging:
         objective = JudgeObjective(name, train, held_out, cfg.judge_form, judge_template_of(cfg), *verdicts, cfg.eval.batch_size,
-                                   tokenizer.pad_token_id, engine.autocast)  # fmt: skip
+                                   tokenizer.pad_token_id, engine.autocast, JUDGE_LOSSES.get(cfg.judge_loss))  # fmt: skip
     else:
         objective = RewardModelObjective(name, train, held_out, cfg.margin, cfg.eval.batch_size, tokenizer.pad_token_id,
                                          engine.autocast, cfg.center_rewards_coefficient)  # fmt: skip

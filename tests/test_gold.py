@@ -11,7 +11,7 @@ from test_architectures import compose_for
 from test_cli import rlctl, rlctl_here
 from test_rm import compose_rm, one_step_gradient
 
-from rlctl.algos.preference import judge_loss
+from rlctl.algos.preference import judge_loss, judge_pairwise_loss
 from rlctl.build import config_warnings
 from rlctl.evaluate import overoptimisation_warning
 
@@ -33,10 +33,38 @@ def test_the_judge_loss_and_its_gradient_by_hand():
     torch.testing.assert_close(rejected.grad[0], 0.5 * torch.tensor([p_r[0], p_r[1] - 1, p_r[2]], dtype=torch.float64))
 
 
-def test_the_judge_loss_sums_over_pairs():
+def test_the_pairwise_judge_loss_and_its_gradient_by_hand():
+    # The same logits: the verdict margins are m_c = 1 − 0 = 1 and m_r = 0 − 2 = −2, so
+    # L = −log σ(m_c − m_r) = log(1 + e^−3), and ∂L/∂m_c = −σ(−3) = −∂L/∂m_r. Only the Yes and No
+    # logits move: ∂m/∂z_Yes = 1, ∂m/∂z_No = −1, and the third token gets nothing.
+    chosen = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([[0.0, 2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    loss = judge_pairwise_loss(chosen, rejected, yes=0, no=1)
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-3)), rel=1e-12)
+    loss.backward()
+    s = 1 / (1 + math.exp(3))  # σ(−3)
+    torch.testing.assert_close(chosen.grad[0], torch.tensor([-s, s, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(rejected.grad[0], torch.tensor([s, -s, 0.0], dtype=torch.float64))
+
+
+def test_the_pairwise_judge_loss_sees_only_the_difference_of_the_margins():
+    # Adding the same amount to both sides' Yes logits (a prompt whose replies are all likelier right)
+    # leaves the loss unchanged; the yes_no loss would move.
+    chosen, rejected = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    shifted_c, shifted_r = chosen.clone(), rejected.clone()
+    shifted_c[:, 1] += 3.0
+    shifted_r[:, 1] += 3.0
+    assert float(judge_pairwise_loss(shifted_c, shifted_r, 1, 2)) == pytest.approx(
+        float(judge_pairwise_loss(chosen, rejected, 1, 2)), rel=1e-12
+    )
+    assert float(judge_loss(shifted_c, shifted_r, 1, 2)) != pytest.approx(float(judge_loss(chosen, rejected, 1, 2)))
+
+
+@pytest.mark.parametrize("loss", [judge_loss, judge_pairwise_loss])
+def test_the_judge_losses_sum_over_pairs(loss):
     chosen, rejected = torch.randn(3, 5), torch.randn(3, 5)
-    whole = judge_loss(chosen, rejected, 2, 4)
-    parts = sum(judge_loss(chosen[i : i + 1], rejected[i : i + 1], 2, 4) for i in range(3))
+    whole = loss(chosen, rejected, 2, 4)
+    parts = sum(loss(chosen[i : i + 1], rejected[i : i + 1], 2, 4) for i in range(3))
     assert float(whole) == pytest.approx(float(parts), rel=1e-6)
 
 
@@ -193,6 +221,7 @@ def test_a_gold_that_is_the_trained_reward_is_warned_about():
         (["head=judge", "margin=1"], "margin: a Bradley-Terry setting; head=judge trains the Yes/No answer"),
         (["head=judge", "center_rewards_coefficient=0.1"], "center_rewards_coefficient: a Bradley-Terry setting"),
         (["head=critic"], "head: must be one of ['scalar', 'judge'], got 'critic'"),
+        (["head=judge", "judge_loss=hinge"], "judge_loss: must be one of ['pairwise', 'yes_no'], got 'hinge'"),
     ],
 )  # fmt: skip
 def test_judge_training_mistakes_get_one_line(overrides, message, tmp_path):
@@ -203,19 +232,23 @@ def test_judge_training_mistakes_get_one_line(overrides, message, tmp_path):
 # --- rlctl rm head=judge -----------------------------------------------------------------------------
 
 
-def test_judge_micro_batches_give_the_update_of_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("loss", ["pairwise", "yes_no"])
+def test_judge_micro_batches_give_the_update_of_the_whole_batch(loss, tmp_path):
     # 8 pairs in one micro-batch and in 3 + 3 + 2: each micro-batch's loss is its share of the mean.
-    whole, whole_metrics = one_step_gradient(tmp_path / "a", "head=judge", "pairs_per_step=8",
+    whole, whole_metrics = one_step_gradient(tmp_path / "a", "head=judge", f"judge_loss={loss}", "pairs_per_step=8",
                                              "optim.micro_batch_size=8")  # fmt: skip
-    split, metrics = one_step_gradient(tmp_path / "b", "head=judge", "pairs_per_step=8", "optim.micro_batch_size=3")
+    split, metrics = one_step_gradient(tmp_path / "b", "head=judge", f"judge_loss={loss}", "pairs_per_step=8",
+                                       "optim.micro_batch_size=3")  # fmt: skip
     assert any(float(g.abs().max()) > 1e-4 for g in whole.values())
     assert metrics["loss/judge"] == pytest.approx(whole_metrics["loss/judge"], abs=1e-6)
     for name, value in whole.items():
         torch.testing.assert_close(split[name], value, atol=1e-6, rtol=1e-4)
 
 
-def test_the_judge_step_loss_is_the_cross_entropy_of_yes_and_no_on_its_questions(tmp_path):
-    # One pair: recompute the loss from the model before the update, asking both questions by hand.
+@pytest.mark.parametrize("loss", ["pairwise", "yes_no"])
+def test_the_judge_step_loss_is_its_loss_on_the_two_questions_asked_by_hand(loss, tmp_path):
+    # One pair: recompute the loss from the model before the update, asking both questions by hand:
+    # pairwise −log σ(m_c − m_r) with m = z_Yes − z_No; yes_no ½(−log p_c(Yes) − log p_r(No)).
     from rlctl.rewards.judge import PAIR_TEMPLATES, fill_template, judge_prompt_ids, verdict_logits
     from rlctl.rm import build_rm, reply_text
 
@@ -230,8 +263,11 @@ def test_the_judge_step_loss_is_the_cross_entropy_of_yes_and_no_on_its_questions
     with torch.no_grad():
         logits = [verdict_logits(run.engine.model, [q], tokenizer.pad_token_id)[0] for q in questions]
     yes, no = run.objective.yes, run.objective.no
-    expected = 0.5 * (-torch.log_softmax(logits[0], -1)[yes] - torch.log_softmax(logits[1], -1)[no])
-    _, metrics = one_step_gradient(tmp_path / "step", "head=judge", "pairs_per_step=1")
+    if loss == "yes_no":
+        expected = 0.5 * (-torch.log_softmax(logits[0], -1)[yes] - torch.log_softmax(logits[1], -1)[no])
+    else:
+        expected = -torch.nn.functional.logsigmoid((logits[0][yes] - logits[0][no]) - (logits[1][yes] - logits[1][no]))
+    _, metrics = one_step_gradient(tmp_path / "step", "head=judge", f"judge_loss={loss}", "pairs_per_step=1")
     assert float(metrics["loss/judge"]) == pytest.approx(float(expected), rel=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Losses on preference pairs: the reward model's Bradley-Terry loss and DPO's family.
+"""Losses on preference pairs: the reward model's Bradley-Terry loss, the judge's two, and DPO's family.
 
 Each returns the SUM over the pairs given; the caller divides by the number of pairs of the whole
 batch over all ranks, so micro-batches and ranks add up to the batch mean.
@@ -19,6 +19,29 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: to
     return -F.logsigmoid(chosen - rejected - margins).sum()
 
 
+JudgeLoss = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+JUDGE_LOSSES: Registry[JudgeLoss] = Registry("judge loss")
+
+
+def verdict_margin(logits: torch.Tensor, yes: int, no: int) -> torch.Tensor:
+    """m = z_Yes − z_No, the judge's log-odds of "Yes" against "No" (its score is σ(m)). [B, V] -> [B]."""
+    return logits[:, yes] - logits[:, no]
+
+
+@JUDGE_LOSSES.register("pairwise")
+def judge_pairwise_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, yes: int, no: int) -> torch.Tensor:
+    """Bradley-Terry on the judge's verdict margins m = z_Yes − z_No of the two questions of a pair:
+
+        L = Σ_i −log σ(m_c,i − m_r,i)
+
+    chosen_logits, rejected_logits: [B, V], the logits after each question -> scalar. Only the two
+    verdict logits of each side get a gradient: ∂L/∂m_c,i = −σ(m_r,i − m_c,i) = −∂L/∂m_r,i. Like the
+    scalar reward model, it asks only that the chosen reply rank above the rejected one of the same
+    prompt, so what the prompt alone says (how often its replies are right) cancels out."""
+    return -F.logsigmoid(verdict_margin(chosen_logits, yes, no) - verdict_margin(rejected_logits, yes, no)).sum()
+
+
+@JUDGE_LOSSES.register("yes_no")
 def judge_loss(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, yes: int, no: int) -> torch.Tensor:
     """Cross-entropy of a judge's verdict token: "Yes" after the question about the chosen reply, "No"
     after the one about the rejected reply, over the whole vocabulary:
