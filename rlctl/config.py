@@ -341,7 +341,7 @@ class PreferenceDataConfig:
     num_operands: int = 2  # arithmetic: operands per problem
     operators: str = "+"  # arithmetic: operators to draw from, any of "+-*"
     pairs_per_problem: int = 8  # arithmetic: pairs made from each problem
-    rambling_fraction: float = 0.5  # arithmetic: share of rejected replies that bury the right number in rambling
+    rambling_fraction: float = 0.5  # arithmetic: share of rejected replies that ramble, restate or give no number
     system_prompt: str | None = None  # system message prepended to every prompt
     max_tokens: int = 512  # pairs with a side (prompt + reply) longer than this are skipped
 

@@ -173,13 +173,24 @@ _RAMBLING = (
 # Short ones that restate the question first: not "just the number", and the rule reads the first
 # number it finds (kind "restating"; drawn with the rambling ones).
 _RESTATING = ("{expression} = {x}", "{expression} equals {x}.", "{expression} is {x}.")
+# Replies that talk about the problem and give no number at all, as a policy fooling its reward
+# learns to (kind "no_answer"; drawn with the rambling ones).
+_NO_ANSWER = (
+    "This question needs a precise, logical solution, the kind you find in puzzles.",
+    "A classic math problem that involves both of the numbers mentioned.",
+    "There is no single right answer here; it depends on how you look at {expression}.",
+    "To find {expression}, we combine the two numbers step by step, carefully.",
+    "Adding numbers is a basic skill that everyone should practise every day.",
+    "Let me think about {expression} carefully before I give an answer.",
+)
 _PLAIN = ("{x}", "{x}", "The answer is {x}.")  # what the exact-number rule accepts: the number comes first
 
 
 def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Pairs from the arithmetic task: chosen states the right number plainly; rejected states a
     wrong one in the same words, or (``rambling_fraction`` of the time) the right one buried in rambling
-    or after a restatement of the question. Each pair's ``kind`` says which: wrong_number, rambling, restating."""
+    or after a restatement of the question, or no number at all. Each pair's ``kind`` says which:
+    wrong_number, rambling, restating, no_answer."""
     problems = SourceSpec(digits=spec.digits, num_operands=spec.num_operands, operators=spec.operators,
                           eval_fraction=spec.eval_fraction, seed=spec.seed)  # fmt: skip
     train, held_out = arithmetic(problems)
@@ -200,8 +211,8 @@ def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[Prefer
                     offset = rng.choice([d for d in range(-5, 6) if d != 0])
                     rejected, kind = form.format(x=value + offset, expression=expression), "wrong_number"
                 else:
-                    worse = rng.choice(_RAMBLING + _RESTATING)
-                    kind = "restating" if worse in _RESTATING else "rambling"
+                    worse = rng.choice(_RAMBLING + _RESTATING + _NO_ANSWER)
+                    kind = "restating" if worse in _RESTATING else "no_answer" if worse in _NO_ANSWER else "rambling"
                     rejected = worse.format(x=value, expression=expression)
                 made.append(PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
                                            [{"role": "assistant", "content": rejected}], 0.0, example.origin, kind))  # fmt: skip
