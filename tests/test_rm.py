@@ -82,6 +82,29 @@ def test_builtin_pairs_split_by_problem_and_differ(tokenizer):
     assert encode_pairs(train[:4], tokenizer, 8).skipped == 4
 
 
+def test_builtin_rejected_replies_are_worse_as_their_kind_says():
+    # Each kind's rejected reply differs from its chosen one as its name says: the exact-number rule
+    # (the gold reward) scores every chosen reply 1 and a wrong number 0; a reply with no answer names
+    # no number beyond the question's own; rambling and restating keep the right number (worse in
+    # form, not in sum).
+    from rlctl.rewards.rules import exact_number
+
+    spec = PreferenceSpec("arithmetic", None, None, "train", "test", "prompt", "chosen", "rejected", 0.2, 256, 0, 1, 2,
+                          "+", 8, 0.5, None, 512)  # fmt: skip
+    train, _ = load_pairs(spec)
+    assert {p.kind for p in train} == {"wrong_number", "rambling", "restating", "no_answer"}
+    for pair in train:
+        answer = str(eval(pair.origin.split(":")[1]))  # noqa: S307
+        chosen, rejected = pair.chosen[0]["content"], pair.rejected[0]["content"]
+        assert exact_number(chosen, answer) == 1.0, chosen
+        if pair.kind == "wrong_number":
+            assert exact_number(rejected, answer) == 0.0, rejected
+        if pair.kind == "no_answer":
+            assert not any(ch.isdigit() for ch in rejected.replace(pair.origin.split(":")[1], ""))
+        else:
+            assert (answer in rejected) == (pair.kind != "wrong_number"), rejected
+
+
 def test_rows_as_strings_messages_or_whole_conversations():
     prompt = [{"role": "user", "content": "2+2?"}]
     a = pair_from_row({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "f:1")
