@@ -101,8 +101,8 @@ def test_builtin_rejected_replies_are_worse_as_their_kind_says():
             assert exact_number(rejected, answer) == 0.0, rejected
         if pair.kind == "no_answer":
             assert not any(ch.isdigit() for ch in rejected.replace(pair.origin.split(":")[1], ""))
-        else:
-            assert (answer in rejected) == (pair.kind != "wrong_number"), rejected
+        elif pair.kind in ("rambling", "restating"):
+            assert answer in rejected, rejected
 
 
 def test_rows_as_strings_messages_or_whole_conversations():
