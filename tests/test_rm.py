@@ -94,13 +94,14 @@ def test_builtin_rejected_replies_are_worse_as_their_kind_says():
     train, _ = load_pairs(spec)
     assert {p.kind for p in train} == {"wrong_number", "rambling", "restating", "no_answer"}
     for pair in train:
-        answer = str(eval(pair.origin.split(":")[1]))  # noqa: S307
+        expression = pair.origin.split(":")[1]
+        answer = str(eval(expression))  # noqa: S307
         chosen, rejected = pair.chosen[0]["content"], pair.rejected[0]["content"]
         assert exact_number(chosen, answer) == 1.0, chosen
         if pair.kind == "wrong_number":
             assert exact_number(rejected, answer) == 0.0, rejected
         if pair.kind == "no_answer":
-            assert not any(ch.isdigit() for ch in rejected.replace(pair.origin.split(":")[1], ""))
+            assert not any(ch.isdigit() for ch in rejected.replace(expression, ""))
         elif pair.kind in ("rambling", "restating"):
             assert answer in rejected, rejected
 

@@ -183,6 +183,9 @@ _NO_ANSWER = (
     "Adding numbers is a basic skill that everyone should practise every day.",
     "Let me think about {expression} carefully before I give an answer.",
 )
+# Every worse form with its kind, drawn uniformly (rambling_fraction of the pairs)
+_WORSE_FORMS = tuple((text, kind) for forms, kind in ((_RAMBLING, "rambling"), (_RESTATING, "restating"),
+                                                      (_NO_ANSWER, "no_answer")) for text in forms)  # fmt: skip
 _PLAIN = ("{x}", "{x}", "The answer is {x}.")  # what the exact-number rule accepts: the number comes first
 
 
@@ -211,8 +214,7 @@ def _arithmetic(spec: PreferenceSpec) -> tuple[list[PreferencePair], list[Prefer
                     offset = rng.choice([d for d in range(-5, 6) if d != 0])
                     rejected, kind = form.format(x=value + offset, expression=expression), "wrong_number"
                 else:
-                    worse = rng.choice(_RAMBLING + _RESTATING + _NO_ANSWER)
-                    kind = "restating" if worse in _RESTATING else "no_answer" if worse in _NO_ANSWER else "rambling"
+                    worse, kind = rng.choice(_WORSE_FORMS)
                     rejected = worse.format(x=value, expression=expression)
                 made.append(PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
                                            [{"role": "assistant", "content": rejected}], 0.0, example.origin, kind))  # fmt: skip
